@@ -1,0 +1,315 @@
+"""Syntax tree + the operator's shape -> operator IR.
+
+Shapes flow both ways: the layer fixes the outer (rows, cols); inside a
+product, factors that know a size (``DCT2(h=28, w=28)``, ``DCT[:k]``, a square
+basis next to a known size) fix the inner sizes, and those nothing fixes
+default to n, the input size.  Fixed matrices get their seed from the model
+seed and their position (stage, pre-order index), so they are the same in any
+process.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Mapping
+
+from . import fixed as fx
+from . import ir
+from . import syntax as s
+from .errors import ArgumentError, ShapeError, UnknownNameError
+from .structures import registry
+
+
+@dataclass(frozen=True)
+class Hint:
+    """What a sub-expression knows of its own shape before placement."""
+
+    rows: int | None = None
+    cols: int | None = None
+    square: bool = False
+
+
+def lower_expression(expr: s.Expression, n: int, m: int, params: Mapping, seed: int,
+                     declared: Mapping) -> list[ir.Node]:
+    for name, size in (("n", n), ("m", m)):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ShapeError(f"the operator's size {name} must be a positive integer, got {size!r}")
+    return [Lowering(n, params, seed, declared, index).lower(stage, n, m, ())
+            for index, stage in enumerate(expr.stages)]
+
+
+class Lowering:
+    """Lowers one stage.  ``key`` tuples extend the stage's position into draws."""
+
+    def __init__(self, n: int, params: Mapping, seed: int, declared: Mapping, stage: int):
+        self.n = n
+        self.params = params
+        self.seed = seed
+        self.declared = declared
+        self.stage = stage
+        self.names: dict[str, tuple] = {}  # name -> (use, shape): one name, one shape
+
+    # ---- keys --------------------------------------------------------------
+    def keys(self, ast: s.Ast, kind: str, key: tuple) -> tuple[str, tuple[int, ...]]:
+        """(array key, rng key) for a node at ``ast`` inside draw path ``key``: the
+        stage and the node's offset in the text, so the same text gives the
+        same matrices in any process."""
+        path = (self.stage, ast.pos) + key
+        return kind + "." + ".".join(map(str, path)), path
+
+    # ---- symbols and arguments --------------------------------------------
+    def resolve(self, value, pos: int, what: str):
+        if isinstance(value, str):
+            if value not in self.params:
+                raise UnknownNameError(f"the symbol '{value}' in {what} is not bound", pos=pos,
+                                       hint=f"bind it: params={{'{value}': ...}} in Python, "
+                                            f"'params: {{{value}: ...}}' in a spec, or --param {value}=...")
+            value = self.params[value]
+        return value
+
+    def integer(self, value, pos: int, what: str, least: int = 1) -> int:
+        value = self.resolve(value, pos, what)
+        if isinstance(value, bool) or not float(value).is_integer() or value < least:
+            raise ArgumentError(f"{what} must be an integer >= {least}, got {value!r}", pos=pos)
+        return int(value)
+
+    # ---- hints -------------------------------------------------------------
+    def hint(self, ast: s.Ast) -> Hint:
+        if isinstance(ast, s.Name):
+            if ast.name in s.SQUARE_BASES or ast.name == "DCT2":
+                return Hint(square=True)
+            if ast.name in self.declared and "shape" in self.declared[ast.name]:
+                return Hint(*self.declared[ast.name]["shape"])
+            return Hint()
+        if isinstance(ast, s.Call):
+            return registry.hint(self, ast)
+        if isinstance(ast, s.Scale):
+            return self.hint(ast.child)
+        if isinstance(ast, s.Transpose):
+            h = self.hint(ast.child)
+            return Hint(h.cols, h.rows, h.square)
+        if isinstance(ast, s.Slice):
+            h = self.hint(ast.child)
+            rows = h.rows
+            cols = None
+            start = self.bound(ast.start, 0)
+            stop = self.bound(ast.stop, None)
+            if stop is None:
+                inner = h.cols if h.cols is not None else (h.rows if h.square else None)
+                stop = inner
+            if stop is not None:
+                cols = stop - start
+            return Hint(rows, cols)
+        if isinstance(ast, s.Add):
+            hints = [self.hint(t) for t in ast.terms]
+            rows = next((h.rows for h in hints if h.rows is not None), None)
+            cols = next((h.cols for h in hints if h.cols is not None), None)
+            return Hint(rows, cols, any(h.square for h in hints))
+        if isinstance(ast, s.Product):
+            return Hint(self.hint(ast.factors[0]).rows, self.hint(ast.factors[-1]).cols)
+        return Hint()
+
+    def bound(self, bound: s.Bound | None, default):
+        if bound is None:
+            return default
+        return self.integer(bound.value, bound.pos, "a slice bound", least=0)
+
+    # ---- lowering ----------------------------------------------------------
+    def lower(self, ast: s.Ast, rows: int, cols: int, key: tuple) -> ir.Node:
+        method = getattr(self, "lower_" + type(ast).__name__.lower())
+        return method(ast, rows, cols, key)
+
+    def lower_name(self, ast: s.Name, rows, cols, key):
+        name = ast.name
+        if name in s.STRUCTURES:
+            return registry.build(self, s.Call(ast.pos, name, (), ()), rows, cols, key)
+        return self.leaf(ast, name, {}, rows, cols, key)
+
+    def lower_call(self, ast: s.Call, rows, cols, key):
+        if ast.func in s.STRUCTURES:
+            return registry.build(self, ast, rows, cols, key)
+        if not s.is_fixed_name(ast.func):
+            suggestion = s.near_miss(ast.func)
+            raise UnknownNameError(f"unknown structure '{ast.func}'", pos=ast.pos,
+                                   hint=f"did you mean {suggestion}?" if suggestion else
+                                   "structures are " + ", ".join(s.STRUCTURES))
+        kwargs = {kw.name: kw for kw in ast.kwargs}
+        if ast.args:
+            raise ArgumentError(f"the basis {ast.func} takes no expression arguments", pos=ast.args[0].pos)
+        return self.leaf(ast, ast.func, kwargs, rows, cols, key)
+
+    def leaf(self, ast, name: str, kwargs: dict, rows: int, cols: int, key: tuple) -> ir.Node:
+        if name in self.declared:
+            return self.declared_leaf(ast, name, kwargs, rows, cols)
+        suggestion = s.near_miss(name)
+        if suggestion:
+            raise UnknownNameError(f"unknown name '{name}'", pos=ast.pos, hint=f"did you mean {suggestion}?")
+        if not s.is_fixed_name(name):
+            if kwargs:
+                raise ArgumentError(f"'{name}' is a trainable matrix and takes no arguments", pos=ast.pos)
+            return self.named_matrix(ast, name, rows, cols)
+        allowed = {"DCT2": ("h", "w")}.get(name, ("seed",) if name not in ("I", "DCT", "H") else ())
+        for kw in kwargs.values():
+            if kw.name not in allowed:
+                raise ArgumentError(f"{name} has no argument '{kw.name}'", pos=kw.pos,
+                                    hint=f"{name} takes " + (", ".join(f"{a}=" for a in allowed) or "no arguments"))
+        if name in s.SQUARE_BASES or name == "DCT2":
+            return self.square_basis(ast, name, kwargs, rows, cols, key)
+        array_key, rng_key = self.keys(ast, name, key)
+        if "seed" in kwargs:
+            kw = kwargs["seed"]
+            rng_key = (1 << 20, self.integer(kw.value, kw.pos, "seed", least=0))
+            array_key = f"{name}.seed{rng_key[1]}"
+        if name not in s.BASES:  # an undeclared uppercase name: one Gaussian per name
+            array_key, rng_key = name, (1 << 21, zlib.crc32(name.encode()))
+            self.check_named(ast, name, ("fixed", (rows, cols)))
+        kind = {"G": fx.Gaussian, "S": fx.Sign, "R": fx.RankOne}.get(name, fx.Gaussian)
+        return kind((rows, cols), kind=name, key=array_key, seed=self.seed, rng_key=rng_key)
+
+    def square_basis(self, ast, name, kwargs, rows, cols, key):
+        h = w = 0
+        if name == "DCT2":
+            h, w = self.image_size(ast, kwargs, rows)
+            if h * w != rows:
+                raise ShapeError(f"DCT2(h={h}, w={w}) is ({h * w}, {h * w}) but here {rows} rows are needed",
+                                 pos=ast.pos, hint="set h and w so that h*w is the input size")
+        if rows != cols:
+            raise ShapeError(f"{name} is square, but here it would be ({rows}, {cols})", pos=ast.pos,
+                             hint=f"keep some of its columns with a slice: {name}[:{cols}]")
+        array_key, rng_key = self.keys(ast, name, key)
+        if "seed" in kwargs:
+            kw = kwargs["seed"]
+            rng_key = (1 << 20, self.integer(kw.value, kw.pos, "seed", least=0))
+            array_key = f"{name}.seed{rng_key[1]}"
+        shape = (rows, rows)
+        if name == "I":
+            return fx.Identity(shape, kind=name, key=array_key)
+        if name == "D":
+            return fx.Diagonal(shape, kind=name, key=array_key, seed=self.seed, rng_key=rng_key)
+        if name == "P":
+            return fx.Permutation(shape, kind=name, key=array_key, seed=self.seed, rng_key=rng_key)
+        if name == "H" and rows & (rows - 1):
+            lower_, upper = 1 << (rows.bit_length() - 1), 1 << rows.bit_length()
+            raise ArgumentError(f"H needs a power-of-2 size, got {rows}", pos=ast.pos,
+                                hint=f"use a size of {lower_} or {upper}, or another basis")
+        size_key = f"{name}.{h}x{w}" if name == "DCT2" else f"{name}.{rows}"
+        return fx.Deterministic(shape, kind=name, key=size_key, h=h, w=w)
+
+    def image_size(self, ast, kwargs, rows) -> tuple[int, int]:
+        if "h" in kwargs or "w" in kwargs:
+            if not ("h" in kwargs and "w" in kwargs):
+                raise ArgumentError("DCT2 needs both h= and w=", pos=ast.pos)
+            return tuple(self.integer(kwargs[a].value, kwargs[a].pos, f"DCT2's {a}") for a in ("h", "w"))
+        side = int(round(rows ** 0.5))
+        if side * side != rows:
+            raise ArgumentError(f"DCT2 cannot guess the image size of {rows} inputs", pos=ast.pos,
+                                hint="give it: DCT2(h=..., w=...)")
+        return side, side
+
+    def declared_leaf(self, ast, name, kwargs, rows, cols):
+        decl = self.declared[name]
+        rng_key = (1 << 21, zlib.crc32(name.encode()))
+        if "file" in decl or "matrix" in decl:
+            matrix = decl["matrix"]
+            if tuple(matrix.shape) != (rows, cols):
+                raise ShapeError(f"{name} is {tuple(matrix.shape)} but here it would be ({rows}, {cols})",
+                                 pos=ast.pos)
+            return fx.Loaded((rows, cols), kind=name, key=name, matrix=matrix)
+        basis = decl.get("basis", "G")
+        kind = {"G": fx.Gaussian, "S": fx.Sign, "R": fx.RankOne, "D": fx.Diagonal,
+                "P": fx.Permutation}.get(basis)
+        if kind is None:
+            raise ArgumentError(f"{name} is declared with the unknown basis {basis!r}", pos=ast.pos,
+                                hint="a declared basis is one of G, S, R, D, P, or a file")
+        if kind in (fx.Diagonal, fx.Permutation) and rows != cols:
+            raise ShapeError(f"{name} ({basis}) is square, but here it would be ({rows}, {cols})", pos=ast.pos)
+        self.check_named(ast, name, ("fixed", (rows, cols)))
+        return kind((rows, cols), kind=name, key=name, seed=self.seed, rng_key=rng_key)
+
+    def named_matrix(self, ast, name, rows, cols):
+        from .structures.basic import Dense
+        self.check_named(ast, name, ("matrix", (rows, cols)))
+        return Dense((rows, cols), key=name)
+
+    def check_named(self, ast, name, use):
+        known = self.names.setdefault(name, use)
+        if known != use:
+            if known[0] != use[0]:
+                raise ShapeError(f"'{name}' is used both as a {known[0]} and as a {use[0]}", pos=ast.pos)
+            raise ShapeError(f"'{name}' is used with shapes {known[1]} and {use[1]}", pos=ast.pos,
+                             hint="one name is one variable; give different uses different names")
+
+    def lower_number(self, ast: s.Number, rows, cols, key):
+        raise ShapeError(f"the number {ast.value:g} is not a matrix", pos=ast.pos,
+                         hint=f"scale a matrix with it: {ast.value:g} * E")
+
+    def lower_scale(self, ast: s.Scale, rows, cols, key):
+        child = self.lower(ast.child, rows, cols, key)
+        if isinstance(ast.factor, s.Number):
+            return ir.Scale(child.shape, child=child, constant=float(ast.factor.value))
+        name = ast.factor.name
+        suggestion = s.near_miss(name)
+        if suggestion:
+            raise UnknownNameError(f"unknown name '{name}'", pos=ast.factor.pos, hint=f"did you mean {suggestion}?")
+        self.check_named(ast.factor, name, ("scalar", ()))
+        return ir.Scale(child.shape, child=child, key=name)
+
+    def lower_transpose(self, ast: s.Transpose, rows, cols, key):
+        child = self.lower(ast.child, cols, rows, key)
+        return ir.Transpose((rows, cols), child=child)
+
+    def lower_slice(self, ast: s.Slice, rows, cols, key):
+        h = self.hint(ast.child)
+        start = self.bound(ast.start, 0)
+        inner = h.cols if h.cols is not None else (rows if h.square else None)
+        stop = self.bound(ast.stop, None)
+        if inner is None:
+            inner = stop if stop is not None else start + cols
+        if stop is None:
+            stop = inner
+        where = ast.stop.pos if ast.stop else ast.pos
+        if not start < stop <= inner:
+            raise ShapeError(f"the slice [{start}:{stop}] does not fit {inner} columns", pos=where,
+                             hint=f"keep columns within 0..{inner}")
+        if stop - start != cols:
+            raise ShapeError(f"the slice keeps {stop - start} columns but here {cols} are needed",
+                             pos=where, hint=f"make it [{start}:{start + cols}]")
+        child = self.lower(ast.child, rows, inner, key)
+        return ir.Slice((rows, cols), child=child, start=start, stop=stop)
+
+    def lower_add(self, ast: s.Add, rows, cols, key):
+        terms = tuple(self.lower(t, rows, cols, key) for t in ast.terms)
+        return ir.Add((rows, cols), terms=terms, signs=ast.signs)
+
+    def lower_product(self, ast: s.Product, rows, cols, key):
+        dims = self.product_dims(ast, rows, cols)
+        factors = tuple(self.lower(f, dims[i], dims[i + 1], key) for i, f in enumerate(ast.factors))
+        return ir.Product((rows, cols), factors=factors)
+
+    def product_dims(self, ast: s.Product, rows, cols) -> list[int]:
+        k = len(ast.factors)
+        dims: list[int | None] = [rows] + [None] * (k - 1) + [cols]
+        hints = [self.hint(f) for f in ast.factors]
+        changed = True
+        while changed:
+            changed = False
+            for i, (f, h) in enumerate(zip(ast.factors, hints)):
+                for side, size, what in ((i, h.rows, "rows"), (i + 1, h.cols, "columns")):
+                    if size is None:
+                        continue
+                    if dims[side] is None:
+                        dims[side], changed = size, True
+                    elif dims[side] != size:
+                        raise ShapeError(f"this factor has {size} {what}, but {dims[side]} are needed here",
+                                         pos=f.pos, hint=_mismatch_hint(what, dims[side]))
+                if h.square and (dims[i] is None) != (dims[i + 1] is None):
+                    dims[i] = dims[i + 1] = dims[i] if dims[i] is not None else dims[i + 1]
+                    changed = True
+        return [d if d is not None else self.n for d in dims]
+
+
+def _mismatch_hint(what: str, needed: int) -> str:
+    if what == "columns":
+        return f"slice it to {needed} columns ([:{needed}]) or change the neighbouring factor"
+    return "the inner sizes of a product must agree; check the neighbouring factors"
