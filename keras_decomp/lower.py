@@ -35,8 +35,35 @@ def lower_expression(expr: s.Expression, n: int, m: int, params: Mapping, seed: 
     for name, size in (("n", n), ("m", m)):
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ShapeError(f"the operator's size {name} must be a positive integer, got {size!r}")
+    for stage in expr.stages:
+        check_names(stage, declared)
     return [Lowering(n, params, seed, declared, index).lower(stage, n, m, ())
             for index, stage in enumerate(expr.stages)]
+
+
+def check_names(ast: s.Ast, declared: Mapping) -> None:
+    """Near-misses of reserved names fail first, before any shape is worked out."""
+    name = ast.name if isinstance(ast, s.Name) else ast.func if isinstance(ast, s.Call) else None
+    if name is not None and name not in declared:
+        suggestion = s.near_miss(name)
+        if suggestion:
+            raise UnknownNameError(f"unknown name '{name}'", pos=ast.pos, hint=f"did you mean {suggestion}?")
+    for child in _syntax_children(ast):
+        check_names(child, declared)
+
+
+def _syntax_children(ast: s.Ast) -> tuple[s.Ast, ...]:
+    if isinstance(ast, s.Call):
+        return ast.args
+    if isinstance(ast, s.Add):
+        return ast.terms
+    if isinstance(ast, s.Product):
+        return ast.factors
+    if isinstance(ast, s.Scale):
+        return (ast.child, ast.factor)
+    if isinstance(ast, (s.Transpose, s.Slice)):
+        return (ast.child,)
+    return ()
 
 
 class Lowering:
