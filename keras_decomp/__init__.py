@@ -1,12 +1,36 @@
 """keras_decomp: structured weight decompositions for Keras 3, written in a small language.
 
+The framework-free core (``parse``, the IR) imports no TensorFlow; the Keras
+parts load on first use.
+
 >>> import keras_decomp
 >>> keras_decomp.parse("W = sum(G, n=8) | dense", 784, 10).shape
 (784, 10)
 """
 
+from importlib import import_module
+
 from .errors import DecompError
 from .parse import parse
 
-__all__ = ["DecompError", "parse"]
 __version__ = "0.1.0"
+
+# public name -> module that defines it, imported on first access
+_LAZY = {
+    "layers": None,
+    "Dense": "layers",
+    "Conv2D": "layers",
+    "tying": "layers",
+    "load_model": "layers",
+}
+
+__all__ = ["DecompError", "parse", *_LAZY]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'keras_decomp' has no attribute {name!r}")
+    module = import_module(f".{_LAZY[name] or name}", __name__)
+    value = module if _LAZY[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value
