@@ -22,6 +22,10 @@ _LAZY = {
     "Conv2D": "layers",
     "tying": "layers",
     "load_model": "layers",
+    "build": "specs",
+    "load_spec": "specs",
+    "summarize": "report",
+    "train": "training",
 }
 
 __all__ = ["DecompError", "parse", *_LAZY]

@@ -1,6 +1,7 @@
 """The ``keras-decomp`` command.
 
     keras-decomp parse "W = sum(G, n=8) | dense" --in 784 --out 10 [--param k=100] [--seed 0]
+    keras-decomp train SPEC.yaml [--data full|bundled|auto] [--epochs N] [--out DIR]
 
 Errors in what the user wrote print as the DecompError message and exit 2.
 """
@@ -35,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="bind a symbol, e.g. --param k=100 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, action="append", help="batch sizes for the FLOPs columns (default 1 and 128)")
+    t = commands.add_parser("train", help="train a YAML spec, evaluate it, write the model and a report")
+    t.add_argument("spec", help="a YAML spec, e.g. specs/linear_dct.yaml")
+    t.add_argument("--data", choices=("auto", "full", "bundled", "tfds", "idx"), default=None,
+                   help="where the data comes from (default: the spec's, else auto)")
+    t.add_argument("--epochs", type=int, default=None, help="override the spec's epochs")
+    t.add_argument("--out", default=None, help="folder for model.keras and report.json (default runs/<spec name>)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -43,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "parse":
             return _parse(args)
+        if args.command == "train":
+            return _train(args)
     except DecompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -57,6 +67,22 @@ def _parse(args) -> int:
     dense = args.n * args.m
     print(f"\n{len(d.stages)} stage(s); first stage: {d.num_params} trainable parameters "
           f"for a {args.n}x{args.m} kernel ({dense} dense, {dense / max(d.num_params, 1):.1f}x fewer)")
+    return 0
+
+
+def _train(args) -> int:
+    from .report import format_table
+    from .specs import load_spec
+    from .training import train
+
+    spec = load_spec(args.spec)
+    out = args.out or f"runs/{spec.name}"
+    report = train(spec, source=args.data, epochs=args.epochs, out=out, verbose=0 if args.quiet else 1)
+    print(format_table(report["layers"]))
+    print(f"\ndata: {report['data_source']}")
+    print(f"test accuracy {report['test_accuracy']:.4f}, test loss {report['test_loss']:.4f}, "
+          f"{report['trainable_params']} trainable parameters, {report['wall_time_s']} s")
+    print(f"wrote {out}/model.keras and {out}/report.json")
     return 0
 
 

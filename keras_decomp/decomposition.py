@@ -51,7 +51,7 @@ def summarize_stages(stages, batches=(1, 128), title: str = "") -> str:
             row = [str(index) if depth == 0 else "", "  " * depth + node.label(),
                    f"{node.shape[0]}x{node.shape[1]}", str(params), str(node.num_fixed)]
             for b in batches:
-                row += [_short(node.flops(b, "apply")), _short(node.flops(b, "materialize"))]
+                row += [short_count(node.flops(b, "apply")), short_count(node.flops(b, "materialize"))]
             row.append(f"{size / params:.1f}x" if params else "-")
             rows.append(row)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
@@ -67,7 +67,8 @@ def _walk(node: Node, depth: int = 0):
         yield from _walk(child, depth + 1)
 
 
-def _short(flops: int) -> str:
+def short_count(flops: int) -> str:
+    """3 significant digits with k, M or G: 1234567 -> "1.23M"."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if flops >= scale:
             return f"{flops / scale:.3g}{unit}"

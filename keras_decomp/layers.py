@@ -9,7 +9,7 @@ so a ``.keras`` file stores the trainable values and the config only.
 
 >>> import keras, numpy as np
 >>> layer = Dense(4, W="sum(G, n=3)")
->>> layer(np.ones((2, 8), "float32")).shape, layer.count_params()
+>>> tuple(layer(np.ones((2, 8), "float32")).shape), layer.count_params()
 ((2, 4), 7)
 """
 
@@ -67,7 +67,7 @@ class _Fixed:
 class _Decomposed(keras.layers.Layer):
     """What Dense and Conv2D share: the expression, its variables, its apply."""
 
-    def _init_decomposition(self, W, params, seed, mode, stage, fixed_dtype, tied):
+    def _init_decomposition(self, W, params, seed, mode, stage, fixed_dtype, tied, fixed=None):
         if mode not in MODES:
             raise DecompError(f"layer '{self.name}': mode must be one of {MODES}, got {mode!r}")
         if not isinstance(W, str):
@@ -86,11 +86,13 @@ class _Decomposed(keras.layers.Layer):
         self.stage = int(stage)
         self.fixed_dtype = fixed_dtype
         self.tied = bool(tied)
+        self.fixed = dict(fixed or {})
         self.node = None
 
     def _decompose(self, n: int, m: int):
         try:
-            return parse(self.W, n, m, params=self.params, seed=self.seed).stages[self.stage]
+            return parse(self.W, n, m, params=self.params, seed=self.seed,
+                         fixed=_declarations(self.fixed)).stages[self.stage]
         except DecompError as err:
             raise _in_layer(err, self) from None
 
@@ -150,7 +152,18 @@ class _Decomposed(keras.layers.Layer):
 
     def _decomposition_config(self) -> dict:
         return {"W": self.W, "params": self.params, "seed": self.seed, "mode": self.mode,
-                "stage": self.stage, "fixed_dtype": self.fixed_dtype, "tied": self.tied}
+                "stage": self.stage, "fixed_dtype": self.fixed_dtype, "tied": self.tied, "fixed": self.fixed}
+
+
+def _declarations(fixed: dict) -> dict:
+    """Spec-style declarations ({"basis": "R"} or {"file": path}) -> parse's form."""
+    out = {}
+    for name, decl in fixed.items():
+        if "file" in decl:
+            out[name] = {"matrix": np.load(decl["file"], allow_pickle=False)}
+        else:
+            out[name] = dict(decl)
+    return out
 
 
 def _np_dtype(array, dtype):
@@ -172,7 +185,7 @@ class Dense(_Decomposed):
 
     def __init__(self, units, W="dense", activation=None, use_bias=True, bias_initializer="zeros",
                  bias_regularizer=None, bias_constraint=None, params=None, seed=0, mode="auto",
-                 stage=0, fixed_dtype=None, tied=False, **kwargs):
+                 stage=0, fixed_dtype=None, tied=False, fixed=None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
             raise DecompError(f"layer '{self.name}': units must be a positive integer, got {units!r}")
@@ -182,7 +195,7 @@ class Dense(_Decomposed):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self._init_decomposition(W, params, seed, mode, stage, fixed_dtype, tied)
+        self._init_decomposition(W, params, seed, mode, stage, fixed_dtype, tied, fixed)
 
     def build(self, input_shape):
         n = input_shape[-1]
@@ -231,7 +244,7 @@ class Conv2D(_Decomposed):
     def __init__(self, filters, kernel_size, W="dense", strides=(1, 1), padding="valid",
                  data_format=None, dilation_rate=(1, 1), activation=None, use_bias=True,
                  bias_initializer="zeros", bias_regularizer=None, bias_constraint=None, params=None,
-                 seed=0, mode="auto", stage=0, fixed_dtype=None, tied=False, **kwargs):
+                 seed=0, mode="auto", stage=0, fixed_dtype=None, tied=False, fixed=None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
             raise DecompError(f"layer '{self.name}': filters must be a positive integer, got {filters!r}")
@@ -248,7 +261,7 @@ class Conv2D(_Decomposed):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self._init_decomposition(W, params, seed, mode, stage, fixed_dtype, tied)
+        self._init_decomposition(W, params, seed, mode, stage, fixed_dtype, tied, fixed)
 
     def _channels(self, input_shape) -> int:
         cin = input_shape[-1] if self.data_format == "channels_last" else input_shape[1]

@@ -11,7 +11,7 @@ process.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Mapping
 
 from . import fixed as fx
@@ -37,8 +37,29 @@ def lower_expression(expr: s.Expression, n: int, m: int, params: Mapping, seed: 
             raise ShapeError(f"the operator's size {name} must be a positive integer, got {size!r}")
     for stage in expr.stages:
         check_names(stage, declared)
-    return [Lowering(n, params, seed, declared, index).lower(stage, n, m, ())
+    return [Lowering(n, params, seed, declared, index, atom_order(stage)).lower(stage, n, m, ())
             for index, stage in enumerate(expr.stages)]
+
+
+def atom_order(stage: s.Ast) -> dict[int, int]:
+    """Text offset of each name or call -> its pre-order index in the stage.
+
+    Keys use the index, not the offset, so spacing, comments, a ``W =`` target,
+    ``(E')'`` for ``E`` or ``E * a`` for ``a * E`` do not change any matrix.
+    """
+    order: dict[int, int] = {}
+
+    def visit(ast):
+        if isinstance(ast, (s.Name, s.Call)):
+            order.setdefault(ast.pos, len(order))
+        for f in fields(ast):
+            value = getattr(ast, f.name)
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, s.Ast):
+                    visit(item)
+
+    visit(stage)
+    return order
 
 
 def check_names(ast: s.Ast, declared: Mapping) -> None:
@@ -69,8 +90,10 @@ def _syntax_children(ast: s.Ast) -> tuple[s.Ast, ...]:
 class Lowering:
     """Lowers one stage.  ``key`` tuples extend the stage's position into draws."""
 
-    def __init__(self, n: int, params: Mapping, seed: int, declared: Mapping, stage: int):
+    def __init__(self, n: int, params: Mapping, seed: int, declared: Mapping, stage: int,
+                 order: Mapping[int, int] | None = None):
         self.n = n
+        self.order = order or {}
         self.params = params
         self.seed = seed
         self.declared = declared
@@ -78,11 +101,16 @@ class Lowering:
         self.names: dict[str, tuple] = {}  # name -> (use, shape): one name, one shape
 
     # ---- keys --------------------------------------------------------------
+    def index(self, ast: s.Ast) -> int:
+        """The pre-order index of the name or call at ``ast`` (see ``atom_order``);
+        a node made up outside the text falls back to an index past every atom."""
+        return self.order.get(ast.pos, (1 << 24) + ast.pos)
+
     def keys(self, ast: s.Ast, kind: str, key: tuple) -> tuple[str, tuple[int, ...]]:
         """(array key, rng key) for a node at ``ast`` inside draw path ``key``: the
-        stage and the node's offset in the text, so the same text gives the
-        same matrices in any process."""
-        path = (self.stage, ast.pos) + key
+        stage and the node's pre-order index, so the same expression gives the
+        same matrices in any process, however it is spaced."""
+        path = (self.stage, self.index(ast)) + key
         return kind + "." + ".".join(map(str, path)), path
 
     # ---- symbols and arguments --------------------------------------------
@@ -187,7 +215,7 @@ class Lowering:
         if "seed" in kwargs:
             kw = kwargs["seed"]
             rng_key = (1 << 20, self.integer(kw.value, kw.pos, "seed", least=0))
-            array_key = f"{name}.seed{rng_key[1]}"
+            array_key = f"{name}.seed{rng_key[1]}.{rows}x{cols}"  # one seed, one matrix per shape
         if name not in s.BASES:  # an undeclared uppercase name: one Gaussian per name
             array_key, rng_key = name, (1 << 21, zlib.crc32(name.encode()))
             self.check_named(ast, name, ("fixed", (rows, cols)))
@@ -208,7 +236,7 @@ class Lowering:
         if "seed" in kwargs:
             kw = kwargs["seed"]
             rng_key = (1 << 20, self.integer(kw.value, kw.pos, "seed", least=0))
-            array_key = f"{name}.seed{rng_key[1]}"
+            array_key = f"{name}.seed{rng_key[1]}.{rows}"  # one seed, one matrix per size
         shape = (rows, rows)
         if name == "I":
             return fx.Identity(shape, kind=name, key=array_key)

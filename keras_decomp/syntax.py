@@ -104,16 +104,16 @@ def is_scalar_candidate(ast: Ast) -> bool:
 def near_miss(name: str) -> str | None:
     """The reserved name that ``name`` is probably a typo of, or None.
 
-    >>> near_miss("DTC"), near_miss("lowrnk"), near_miss("Dense"), near_miss("A1"), near_miss("dense1")
-    ('DCT', 'lowrank', 'dense', None, None)
+    >>> near_miss("DTC"), near_miss("lowrnk"), near_miss("Dense"), near_miss("A1"), near_miss("dense1"), near_miss("g")
+    ('DCT', 'lowrank', 'dense', None, None, None)
     """
     if name in RESERVED:
         return None
     for reserved in RESERVED:
         if re.fullmatch(re.escape(reserved) + r"\d+", name):
             return None  # dense1, DCT3: a deliberate new name
-    for reserved in RESERVED:
-        if name.lower() == reserved.lower():
+    for reserved in RESERVED:  # one-letter names (a, g, s) are ordinary parameter names
+        if len(reserved) >= 3 and name.lower() == reserved.lower():
             return reserved
     for reserved in RESERVED:
         if len(reserved) >= 3 and _one_edit(name, reserved):

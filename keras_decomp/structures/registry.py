@@ -118,9 +118,11 @@ def _within_budget(low, structure, call, args, budget, rows, cols, key):
                             f"{smallest.num_params} trainable parameters, more than params={fraction:g} "
                             f"of {rows}x{cols} ({int(allowed)})", pos=pos,
                             hint="raise the fraction or choose a smaller structure")
+    cap = rows * cols  # no size needs more than one per dense entry
     lo, hi = 1, 2
-    while node(hi).num_params <= allowed and hi < rows * cols:
+    while hi <= cap and node(hi).num_params <= allowed:
         lo, hi = hi, hi * 2
+    hi = min(hi, cap + 1)  # hi is over budget or past the cap
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if node(mid).num_params <= allowed else (lo, mid)
@@ -146,7 +148,7 @@ def _lowrank(low, call, args, rows, cols, key):
 
 
 def _sum(low, call, args, rows, cols, key):
-    draws = tuple(low.lower(call.args[0], rows, cols, key + (call.pos, j)) for j in range(args["n"]))
+    draws = tuple(low.lower(call.args[0], rows, cols, key + (low.index(call), j)) for j in range(args["n"]))
     return SumOf((rows, cols), key=_auto_key(low, call, key), draws=draws)
 
 
@@ -155,7 +157,7 @@ def _tile(low, call, args, rows, cols, key):
     if cols % n:
         raise ShapeError(f"tile(n={n}) needs a number of columns divisible by {n}, got {cols}",
                          pos=call.pos, hint=f"use {cols - cols % n} or {cols - cols % n + n} outputs")
-    draws = tuple(low.lower(call.args[0], rows, cols // n, key + (call.pos, j)) for j in range(n))
+    draws = tuple(low.lower(call.args[0], rows, cols // n, key + (low.index(call), j)) for j in range(n))
     if isinstance(draws[0], fx.FixedLeaf) and draws[0].stack == "linear" and not isinstance(draws[0], fx.TiledLeaf):
         return fx.TiledLeaf((rows, cols), kind="tile", key=_auto_key(low, call, key).replace("tile", "T"),
                             draws=draws)
@@ -188,8 +190,8 @@ def _kron(low, call, args, rows, cols, key):
     else:
         raise ShapeError("kron needs one factor whose shape is known", pos=call.pos,
                          hint="e.g. kron(DCT2(h=4, w=4), dense) or kron(dense, DCT2(h=2, w=2))")
-    return ir.Kron((rows, cols), a=low.lower(a, ra, ca, key + (call.pos, 0)),
-                   b=low.lower(b, rb, cb, key + (call.pos, 1)))
+    return ir.Kron((rows, cols), a=low.lower(a, ra, ca, key + (low.index(call), 0)),
+                   b=low.lower(b, rb, cb, key + (low.index(call), 1)))
 
 
 def _kron_hint(low, call):
