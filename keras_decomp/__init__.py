@@ -25,7 +25,9 @@ _LAZY = {
     "build": "specs",
     "load_spec": "specs",
     "summarize": "report",
-    "train": "training",
+    "approximate": "approximate",
+    "fit_staged": "staging",
+    "decompose": "compress",
 }
 
 __all__ = ["DecompError", "parse", *_LAZY]

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the data comes from (default: the spec's, else auto)")
     t.add_argument("--epochs", type=int, default=None, help="override the spec's epochs")
     t.add_argument("--out", default=None, help="folder for model.keras and report.json (default runs/<spec name>)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -73,12 +74,17 @@ def _parse(args) -> int:
 def _train(args) -> int:
     from .report import format_table
     from .specs import load_spec
-    from .training import train
+    from .staging import fit_staged
 
     spec = load_spec(args.spec)
     out = args.out or f"runs/{spec.name}"
-    report = train(spec, source=args.data, epochs=args.epochs, out=out, verbose=0 if args.quiet else 1)
+    report = fit_staged(spec, source=args.data, out=out, resume=args.resume, epochs=args.epochs,
+                        verbose=0 if args.quiet else 2)
     print(format_table(report["layers"]))
+    for stage in report["stages"][1:]:
+        errors = ", ".join(f"{k} {v:.2e}" for k, v in stage["handover_error"].items())
+        print(f"stage {stage['stage']}: hand-over error {errors}; accuracy {stage['accuracy_before_handover']:.4f} "
+              f"-> {stage['accuracy_after_handover']:.4f} -> {stage['accuracy_end']:.4f}")
     print(f"\ndata: {report['data_source']}")
     print(f"test accuracy {report['test_accuracy']:.4f}, test loss {report['test_loss']:.4f}, "
           f"{report['trainable_params']} trainable parameters, {report['wall_time_s']} s")

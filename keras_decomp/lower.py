@@ -10,6 +10,7 @@ process.
 
 from __future__ import annotations
 
+import numbers
 import zlib
 from dataclasses import dataclass, fields
 from typing import Mapping
@@ -33,8 +34,11 @@ class Hint:
 def lower_expression(expr: s.Expression, n: int, m: int, params: Mapping, seed: int,
                      declared: Mapping) -> list[ir.Node]:
     for name, size in (("n", n), ("m", m)):
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
             raise ShapeError(f"the operator's size {name} must be a positive integer, got {size!r}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ArgumentError(f"the seed must be an integer >= 0, got {seed!r}")
+    n, m, seed = int(n), int(m), int(seed)
     for stage in expr.stages:
         check_names(stage, declared)
     return [Lowering(n, params, seed, declared, index, atom_order(stage)).lower(stage, n, m, ())
@@ -107,11 +111,15 @@ class Lowering:
         return self.order.get(ast.pos, (1 << 24) + ast.pos)
 
     def keys(self, ast: s.Ast, kind: str, key: tuple) -> tuple[str, tuple[int, ...]]:
-        """(array key, rng key) for a node at ``ast`` inside draw path ``key``: the
-        stage and the node's pre-order index, so the same expression gives the
-        same matrices in any process, however it is spaced."""
-        path = (self.stage, self.index(ast)) + key
-        return kind + "." + ".".join(map(str, path)), path
+        """(array key, rng key) for a node at ``ast`` inside draw path ``key``.
+
+        The rng key is the node's pre-order index (and its draw number), so the
+        same expression gives the same matrices in any process however it is
+        spaced.  It leaves out the stage on purpose: in ``sum(G, n=10) |
+        sum(G, n=50)`` the first 10 draws of stage 2 are stage 1's, so the
+        least-squares hand-over loses nothing."""
+        path = (self.index(ast),) + key
+        return kind + "." + ".".join(map(str, (self.stage,) + path)), path
 
     # ---- symbols and arguments --------------------------------------------
     def resolve(self, value, pos: int, what: str):
@@ -120,7 +128,10 @@ class Lowering:
                 raise UnknownNameError(f"the symbol '{value}' in {what} is not bound", pos=pos,
                                        hint=f"bind it: params={{'{value}': ...}} in Python, "
                                             f"'params: {{{value}: ...}}' in a spec, or --param {value}=...")
-            value = self.params[value]
+            symbol, value = value, self.params[value]
+            if not isinstance(value, numbers.Real):
+                raise ArgumentError(f"the symbol '{symbol}' is bound to {value!r}, which is not a number",
+                                    pos=pos, hint=f"bind it to a number: params={{'{symbol}': 8}}")
         return value
 
     def integer(self, value, pos: int, what: str, least: int = 1) -> int:
@@ -324,6 +335,9 @@ class Lowering:
         if stop is None:
             stop = inner
         where = ast.stop.pos if ast.stop else ast.pos
+        if ast.stop is not None and stop <= start:
+            raise ShapeError(f"the slice [{start}:{stop}] keeps no columns", pos=where,
+                             hint=f"its stop must be above its start: [{start}:{start + cols}]")
         if not start < stop <= inner:
             raise ShapeError(f"the slice [{start}:{stop}] does not fit {inner} columns", pos=where,
                              hint=f"keep columns within 0..{inner}")

@@ -1,0 +1,207 @@
+"""Staged training: train stage s, materialise each decomposed layer's W,
+approximate stage s+1 from it by least squares, keep the biases and every
+other layer, train on.  A checkpoint is written after every epoch; a run that
+was interrupted resumes at the stage and epoch where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .approximate import fit as fit_matrix
+from .errors import DecompError
+
+
+def initialize_from(layer, W: np.ndarray, bias=None) -> float:
+    """Set a decomposed layer's variables to the best fit of the dense W (its
+    (n, m) kernel matrix); copy the bias.  Returns the relative error."""
+    result = fit_matrix(W, layer.node, seed=layer.seed)
+    for key, variable in layer.decomposition_variables.items():
+        variable.assign(np.asarray(result.values[key], dtype=variable.dtype))
+    if bias is not None and layer.bias is not None:
+        layer.bias.assign(np.asarray(bias, dtype=layer.bias.dtype))
+    return result.rel_error
+
+
+def kernel_matrix(layer) -> np.ndarray:
+    """The (n, m) kernel matrix of a decomposed or plain Dense/Conv2D layer."""
+    from .layers import _Decomposed
+
+    if isinstance(layer, _Decomposed):
+        return np.asarray(layer.materialize(), dtype=np.float64)
+    kernel = np.asarray(layer.kernel, dtype=np.float64)
+    return kernel.reshape(-1, kernel.shape[-1])
+
+
+def hand_over(old_model, new_model) -> dict[str, float]:
+    """Initialise ``new_model`` from ``old_model`` layer by layer: copy what is
+    unchanged, approximate what changed.  Returns the error per changed layer."""
+    from .layers import _Decomposed
+
+    errors = {}
+    for old, new in zip(old_model.layers, new_model.layers):
+        changed = isinstance(new, _Decomposed) and (
+            not isinstance(old, _Decomposed) or (old.W, old.stage) != (new.W, new.stage))
+        if changed:
+            bias = old.bias if getattr(old, "use_bias", False) else None
+            errors[new.name] = initialize_from(new, kernel_matrix(old), None if bias is None else np.asarray(bias))
+        else:
+            new.set_weights(old.get_weights())
+    return errors
+
+
+def fit_staged(spec, source: str | None = None, out: str | Path | None = None, resume: bool = False,
+               epochs: int | None = None, verbose: int = 1, strategy=None) -> dict:
+    """Train every ``|`` stage of ``spec`` with least-squares hand-overs.
+
+    ``out`` holds checkpoints, the final ``model.keras`` and ``report.json``;
+    with ``resume=True`` a run found there continues where it stopped.
+    ``epochs`` overrides the epochs of every stage.  Returns the report: per
+    stage the trainable parameters, the hand-over error per layer, test
+    accuracy before and after the hand-over and at the end; every epoch's
+    metrics; the final test accuracy and loss and the per-layer table.
+    """
+    import keras
+
+    from .specs import load_spec
+    from .training import load_data
+
+    spec = load_spec(spec)
+    out = Path(out or f"runs/{spec.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    state = _State.load(out) if resume else None
+    if resume and state is None:
+        raise DecompError(f"nothing to resume in {out}: no checkpoint was written there",
+                          hint="run without --resume to start")
+    state = state or _State.new(spec)
+    keras.utils.set_random_seed(spec.seed)
+    data = load_data(spec, source)
+    batch = spec.train.get("batch_size", 128)
+    train_ds, test_ds = data.pipelines(batch_size=batch, seed=spec.seed, limit=spec.data.get("limit"))
+    runner = _Runner(spec, state, out, train_ds, test_ds, verbose, strategy, epochs)
+    model = runner.run()
+    report = runner.report(data.source, model)
+    from .training import write_outputs
+    write_outputs(model, report, out)
+    return report
+
+
+class _State:
+    """What a checkpoint records: where we are and everything measured so far."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    @classmethod
+    def new(cls, spec):
+        return cls({"spec": spec.name, "stage": 0, "epoch": 0, "stages": [], "history": [],
+                    "started": time.time(), "elapsed": 0.0})
+
+    @classmethod
+    def load(cls, out: Path):
+        path = out / "checkpoint" / "state.json"
+        if not path.is_file():
+            return None
+        return cls(json.loads(path.read_text()))
+
+    def save(self, out: Path, model) -> None:
+        folder = out / "checkpoint"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / "model.tmp.keras"
+        model.save(tmp)
+        tmp.replace(folder / "model.keras")  # the model first: state.json never points ahead of it
+        tmp = folder / "state.tmp.json"
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(folder / "state.json")
+
+
+class _Runner:
+    def __init__(self, spec, state, out, train_ds, test_ds, verbose, strategy, epochs):
+        self.spec, self.state, self.out = spec, state, out
+        self.train_ds, self.test_ds = train_ds, test_ds
+        self.verbose, self.strategy, self.epochs_override = verbose, strategy, epochs
+
+    def epochs(self, stage: int) -> int:
+        if self.epochs_override is not None:
+            return self.epochs_override
+        if self.spec.stages:
+            return self.spec.stages[stage].get("epochs", self.spec.train.get("epochs", 1))
+        return self.spec.train.get("epochs", 1)
+
+    def learning_rate(self, stage: int):
+        entry = self.spec.stages[stage] if self.spec.stages else {}
+        return entry.get("learning_rate", self.spec.train.get("learning_rate", 1e-3))
+
+    def scope(self):
+        import contextlib
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def model_for(self, stage: int):
+        from .specs import build
+        from .training import compile_model
+        with self.scope():
+            model = build(self.spec, stage=stage)
+            return compile_model(model, self.spec.train, self.learning_rate(stage))
+
+    def evaluate(self, model) -> float:
+        return float(model.evaluate(self.test_ds, verbose=0)[1])
+
+    def run(self):
+        from .layers import load_model
+        stages = self.spec.num_stages
+        s = self.state.data
+        if s["epoch"] > 0 or s["stage"] > 0 or s["stages"]:
+            with self.scope():
+                model = load_model(self.out / "checkpoint" / "model.keras")
+        else:
+            model = self.model_for(0)
+            s["stages"].append(self.stage_entry(0, model, {}, None, None))
+            self.state.save(self.out, model)
+        while True:
+            stage = s["stage"]
+            self.train_stage(model, stage)
+            s["stages"][stage]["accuracy_end"] = self.evaluate(model)
+            if stage + 1 >= stages:
+                break
+            before = s["stages"][stage]["accuracy_end"]
+            new = self.model_for(stage + 1)
+            errors = hand_over(model, new)
+            after = self.evaluate(new)
+            s["stages"].append(self.stage_entry(stage + 1, new, errors, before, after))
+            s["stage"], s["epoch"], model = stage + 1, 0, new
+            self.state.save(self.out, model)
+        return model
+
+    def stage_entry(self, stage, model, errors, before, after) -> dict:
+        return {"stage": stage, "trainable_params": int(sum(int(np.prod(v.shape)) for v in model.trainable_variables)),
+                "handover_error": errors, "accuracy_before_handover": before,
+                "accuracy_after_handover": after, "accuracy_end": None}
+
+    def train_stage(self, model, stage: int) -> None:
+        import keras
+        runner = self
+
+        class Checkpoint(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                s = runner.state.data
+                s["history"].append({"stage": stage, "epoch": epoch,
+                                     **{k: float(v) for k, v in (logs or {}).items()}})
+                s["epoch"] = epoch + 1
+                runner.state.save(runner.out, self.model)
+
+        model.fit(self.train_ds, epochs=self.epochs(stage), initial_epoch=self.state.data["epoch"],
+                  validation_data=self.test_ds, verbose=self.verbose, callbacks=[Checkpoint()])
+
+    def report(self, data_source: str, model) -> dict:
+        from .report import layer_table
+        s = self.state.data
+        loss, accuracy = model.evaluate(self.test_ds, verbose=0)[:2]
+        return {"spec": self.spec.name, "source": self.spec.source, "data_source": data_source,
+                "seed": self.spec.seed, "test_accuracy": float(accuracy), "test_loss": float(loss),
+                "trainable_params": s["stages"][-1]["trainable_params"], "layers": layer_table(model),
+                "stages": s["stages"], "history": s["history"],
+                "wall_time_s": round(time.time() - s["started"], 2)}
