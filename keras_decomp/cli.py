@@ -1,7 +1,8 @@
 """The ``keras-decomp`` command.
 
     keras-decomp parse "W = sum(G, n=8) | dense" --in 784 --out 10 [--param k=100] [--seed 0]
-    keras-decomp train SPEC.yaml [--data full|bundled|auto] [--epochs N] [--out DIR]
+    keras-decomp train SPEC.yaml [--data full|bundled|auto] [--epochs N] [--out DIR] [--resume]
+    keras-decomp export MODEL.keras --tflite OUT.tflite [--mode auto] [--quantize dynamic]
 
 Errors in what the user wrote print as the DecompError message and exit 2.
 """
@@ -43,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None, help="override the spec's epochs")
     t.add_argument("--out", default=None, help="folder for model.keras and report.json (default runs/<spec name>)")
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    e = commands.add_parser("export", help="export a saved model to TFLite and/or SavedModel, checked")
+    e.add_argument("model", help="a .keras file")
+    e.add_argument("--tflite", help="write this .tflite file")
+    e.add_argument("--saved-model", dest="saved_model", help="write this SavedModel folder")
+    e.add_argument("--mode", choices=("folded", "factored", "auto"), default="auto")
+    e.add_argument("--quantize", choices=("dynamic", "int8"), default=None)
+    e.add_argument("--data", choices=("auto", "bundled", "full"), default=None,
+                   help="compare on 500 test images of this data (default: random inputs)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -54,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             return _parse(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "export":
+            return _export(args)
     except DecompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -89,6 +100,54 @@ def _train(args) -> int:
     print(f"test accuracy {report['test_accuracy']:.4f}, test loss {report['test_loss']:.4f}, "
           f"{report['trainable_params']} trainable parameters, {report['wall_time_s']} s")
     print(f"wrote {out}/model.keras and {out}/report.json")
+    if spec.export:
+        _export_trained(spec, out, args.data)
+    return 0
+
+
+def _export_trained(spec, out, source) -> None:
+    """The spec's export section, checked on 500 test images."""
+    import json
+
+    from .export import export_from_spec, format_report
+    from .layers import load_model
+    from .training import load_data
+
+    model = load_model(f"{out}/model.keras")
+    data = load_data(spec, source)
+    sample = data.x_test[:500].astype("float32") / 255.0
+    train = data.x_train[:300].astype("float32") / 255.0
+    reports = export_from_spec(model, spec.export, out, sample=sample, representative_data=train)
+    for report in reports.values():
+        print(format_report(report))
+    path = f"{out}/report.json"
+    with open(path) as f:
+        full = json.load(f)
+    full["export"] = reports
+    with open(path, "w") as f:
+        json.dump(full, f, indent=2)
+
+
+def _export(args) -> int:
+    from .export import export, format_report
+    from .layers import load_model
+
+    model = load_model(args.model)
+    sample = None
+    if args.data:
+        from .data import load
+        data = load(source=args.data)
+        if tuple(model.input_shape[1:]) == data.input_shape:
+            sample = data.x_test[:500].astype("float32") / 255.0
+    targets = [("tflite", args.tflite), ("saved_model", args.saved_model)]
+    if not any(path for _, path in targets):
+        raise DecompError("nothing to export to", hint="give --tflite OUT.tflite and/or --saved-model DIR")
+    for fmt, path in targets:
+        if path:
+            report = export(model, path, format=fmt, mode=args.mode,
+                            quantize=args.quantize if fmt == "tflite" else None, sample=sample,
+                            representative_data=sample)
+            print(format_report(report))
     return 0
 
 

@@ -35,6 +35,7 @@ TOP_KEYS = ("name", "description", "seed", "input", "params", "fixed", "layers",
 TRAIN_KEYS = ("batch_size", "optimizer", "learning_rate", "epochs", "loss", "from_logits", "metrics")
 STAGE_KEYS = ("epochs", "learning_rate", "batch_size")
 DATA_KEYS = ("name", "source", "limit")
+EXPORT_KEYS = ("tflite", "saved_model")
 DECOMPOSED = ("Dense", "Conv2D")
 DEFAULT_INPUTS = {"fashion_mnist": [28, 28, 1], "mnist": [28, 28, 1]}
 
@@ -158,6 +159,7 @@ def _check(data, source, folder, lines) -> Spec:
             raise probe.error(f"stages[{i}]", "a stage is a mapping such as {epochs: 3}")
         _known_keys(probe, stage, f"stages[{i}]", STAGE_KEYS)
     export = _typed(probe, data, "export", dict, {})
+    _check_export(probe, export)
     fixed = _check_fixed(probe, _typed(probe, data, "fixed", dict, {}), folder)
     input_shape = _check_input(probe, data, data_cfg)
     layers = _check_layers(probe, data)
@@ -183,6 +185,20 @@ def _known_keys(spec, mapping, path, valid):
         if key not in valid:
             raise spec.error(f"{path}.{key}", f"unknown key '{key}'",
                              _nearest(key, valid) or "valid keys: " + ", ".join(valid))
+
+
+def _check_export(spec, export) -> None:
+    _known_keys(spec, export, "export", EXPORT_KEYS)
+    for fmt, options in export.items():
+        if options is None:
+            continue
+        if not isinstance(options, dict):
+            raise spec.error(f"export.{fmt}", "must be a mapping such as {mode: auto}")
+        _known_keys(spec, options, f"export.{fmt}", ("mode", "quantize") if fmt == "tflite" else ("mode",))
+        if options.get("mode", "auto") not in ("folded", "factored", "auto"):
+            raise spec.error(f"export.{fmt}.mode", f"must be folded, factored or auto, got {options['mode']!r}")
+        if options.get("quantize") not in (None, "dynamic", "int8"):
+            raise spec.error(f"export.{fmt}.quantize", f"must be dynamic or int8, got {options['quantize']!r}")
 
 
 def _check_fixed(spec, fixed, folder) -> dict:
@@ -326,10 +342,11 @@ def _make_layer(spec: Spec, index: int, layer: LayerSpec, stage: int = 0):
         config.setdefault("seed", spec.seed * 1000 + index)
         if spec.fixed:
             config.setdefault("fixed", spec.fixed)
-        config.setdefault("name", f"{layer.class_name.lower()}_{index}")
         cls, module = f"keras_decomp>{layer.class_name}", "keras_decomp.layers"
     else:
         cls, module = layer.class_name, "keras.layers"
+    # Names by position, not Keras's process-wide counters: unique and the same in every build.
+    config.setdefault("name", f"{_snake(layer.class_name)}_{index}")
     try:
         return keras.layers.deserialize({"module": module, "class_name": layer.class_name,
                                          "registered_name": cls if "W" in config else None,
@@ -338,6 +355,11 @@ def _make_layer(spec: Spec, index: int, layer: LayerSpec, stage: int = 0):
         raise _with_path(spec, f"{layer.path}.W", err) from None
     except (ValueError, TypeError) as err:
         raise spec.error(layer.path, f"Keras could not make this layer: {_first_line(err)}") from None
+
+
+def _snake(class_name: str) -> str:
+    """``MaxPooling2D`` -> ``max_pooling2d``, as Keras names its layers."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", class_name).lower()
 
 
 def _with_path(spec: Spec, path: str, err: DecompError) -> SpecError:
