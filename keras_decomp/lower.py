@@ -164,7 +164,7 @@ class Lowering:
             if stop is None:
                 inner = h.cols if h.cols is not None else (h.rows if h.square else None)
                 stop = inner
-            if stop is not None:
+            if stop is not None and stop > start:  # an empty slice fails in lower_slice
                 cols = stop - start
             return Hint(rows, cols)
         if isinstance(ast, s.Add):
@@ -202,7 +202,8 @@ class Lowering:
                                    "structures are " + ", ".join(s.STRUCTURES))
         kwargs = {kw.name: kw for kw in ast.kwargs}
         if ast.args:
-            raise ArgumentError(f"the basis {ast.func} takes no expression arguments", pos=ast.args[0].pos)
+            raise ArgumentError(f"the fixed matrix {ast.func} takes no expression arguments", pos=ast.args[0].pos,
+                                hint=f"for a product, put a space before the parenthesis: {ast.func} (...)")
         return self.leaf(ast, ast.func, kwargs, rows, cols, key)
 
     def leaf(self, ast, name: str, kwargs: dict, rows: int, cols: int, key: tuple) -> ir.Node:
@@ -216,6 +217,10 @@ class Lowering:
                 raise ArgumentError(f"'{name}' is a trainable matrix and takes no arguments", pos=ast.pos)
             return self.named_matrix(ast, name, rows, cols)
         allowed = {"DCT2": ("h", "w")}.get(name, ("seed",) if name not in ("I", "DCT", "H") else ())
+        if name not in s.BASES and kwargs:  # one name, one matrix: a seed here would be ignored
+            raise ArgumentError(f"'{name}' is a named fixed matrix and takes no arguments",
+                                pos=next(iter(kwargs.values())).pos,
+                                hint="one name is one matrix; for a seeded Gaussian write G(seed=...)")
         for kw in kwargs.values():
             if kw.name not in allowed:
                 raise ArgumentError(f"{name} has no argument '{kw.name}'", pos=kw.pos,

@@ -10,6 +10,8 @@ with the expression and a caret under the culprit.
 
 from __future__ import annotations
 
+import math
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -27,6 +29,8 @@ _TOKEN_WORDS = {
     "EQUAL": "'='", "COLON": "':'", "LSQB": "'['", "RSQB": "']'", "QUOTE": "a transpose (')",
     "$END": "the end",
 }
+
+_COMMENT = re.compile(r"#[^\n]*")
 
 
 def grammar_text() -> str:
@@ -72,6 +76,9 @@ class _ToSyntax(Transformer):
         return _product(meta, left, right)
 
     def mul(self, meta, left, right):
+        # A number is always the scalar ("2 * a"); between two names, the right one ("A * a").
+        if isinstance(left, s.Number) and not isinstance(right, s.Number):
+            return s.Scale(_pos(meta), right, left)
         if s.is_scalar_candidate(right):
             return s.Scale(_pos(meta), left, right)
         if s.is_scalar_candidate(left):
@@ -93,7 +100,11 @@ class _ToSyntax(Transformer):
         return s.Name(_pos(token), str(token))
 
     def number(self, meta, token):
-        return s.Number(_pos(token), _value(token))
+        value = _value(token)
+        if not math.isfinite(value):
+            raise ParseError(f"the number {str(token)} is too large", pos=_pos(token),
+                             hint="numbers must be finite floating-point values")
+        return s.Number(_pos(token), value)
 
     def call(self, meta, func, *args):
         args = [a for a in args if a is not None]
@@ -145,8 +156,8 @@ def parse_syntax(text: str) -> s.Expression:
     """Text -> syntax tree; raises DecompError with a caret on bad input."""
     if not isinstance(text, str):
         raise ParseError(f"an expression must be a string, not {type(text).__name__}")
-    if not text.strip():
-        raise ParseError("the expression is empty", text=text, pos=0,
+    if not _COMMENT.sub("", text).strip():
+        raise ParseError("the expression is empty", text=text.strip("\n"), pos=0,
                          hint="write an expression such as 'W = sum(G, n=8)'")
     try:
         tree = _parser().parse(text)
@@ -178,9 +189,41 @@ def _syntax_error(text: str, err: UnexpectedInput) -> ParseError:
                           hint=f"expected {expected}" if expected else None)
     token = err.token
     expected = _expected(err)
-    return ParseError(f"unexpected {_TOKEN_WORDS.get(token.type, repr(str(token)))} {str(token)!r}",
-                      text=_line(text, pos), pos=_col(text, pos),
+    wanted = set(getattr(err, "expected", ()) or ())
+    if token.type in ("MINUS", "PLUS") and "NUMBER" in wanted and "LPAR" not in wanted:
+        return ParseError(f"an argument value or slice bound cannot start with '{token}'",
+                          text=_line(text, pos), pos=_col(text, pos),
+                          hint="sizes, seeds and bounds are plain numbers >= 0 (or symbols), e.g. seed=1")
+    spaced = _spaced_call(text, pos) if token.type in ("COMMA", "EQUAL") else None
+    if spaced:
+        expected = f"{expected}; a call has no space before its '(': write {spaced}(...)"
+    return ParseError(f"unexpected {_describe(token)}", text=_line(text, pos), pos=_col(text, pos),
                       hint=f"expected {expected}" if expected else None)
+
+
+def _spaced_call(text: str, pos: int) -> str | None:
+    """The name in ``sum (G, n=2)``: a call written with a space, which parses as a
+    product with a parenthesised group until its ',' or '='."""
+    depth = 0
+    for i in range(pos - 1, -1, -1):
+        if text[i] == ")":
+            depth += 1
+        elif text[i] == "(" and depth:
+            depth -= 1
+        elif text[i] == "(":
+            match = re.search(r"([A-Za-z][A-Za-z0-9_]*)[ \t]+$", text[:i])
+            return match.group(1) if match else None
+    return None
+
+
+def _describe(token: Token) -> str:
+    """'the name 'x'' for tokens with content, just ')' for punctuation."""
+    kind = {"NAME": "the name", "FUNC": "the call", "NUMBER": "the number"}.get(token.type)
+    if kind:
+        return f"{kind} {str(token)!r}"
+    if token.type == "QUOTE":
+        return "transpose mark (')"
+    return repr(str(token))
 
 
 def _expected(err) -> str:
