@@ -11,6 +11,7 @@ process.
 from __future__ import annotations
 
 import numbers
+import os
 import zlib
 from dataclasses import dataclass, fields
 from typing import Mapping
@@ -41,8 +42,33 @@ def lower_expression(expr: s.Expression, n: int, m: int, params: Mapping, seed: 
     n, m, seed = int(n), int(m), int(seed)
     for stage in expr.stages:
         check_names(stage, declared)
-    return [Lowering(n, params, seed, declared, index, atom_order(stage)).lower(stage, n, m, ())
-            for index, stage in enumerate(expr.stages)]
+    roots = [Lowering(n, params, seed, declared, index, atom_order(stage)).lower(stage, n, m, ())
+             for index, stage in enumerate(expr.stages)]
+    for index, root in enumerate(roots):
+        check_memory(root.num_params + root.num_fixed, f"stage {index}" if len(roots) > 1 else "this expression",
+                     pos=expr.stages[index].pos)
+    return roots
+
+
+def memory_limit() -> int:
+    """Numbers (float64) we let one expression hold: half the machine's memory,
+    or KERAS_DECOMP_MAX_BYTES if set."""
+    limit = os.environ.get("KERAS_DECOMP_MAX_BYTES")
+    if limit:
+        return int(float(limit)) // 8
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 16
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 31
+
+
+def check_memory(entries: int, what: str, pos: int | None = None) -> None:
+    """Refuse, before allocating, what would not fit in memory."""
+    if entries > memory_limit():
+        gib = entries * 8 / 2 ** 30
+        raise ShapeError(f"{what} would need {entries:,} numbers ({gib:,.1f} GiB), more than this machine "
+                         f"allows ({memory_limit() * 8 / 2 ** 30:,.1f} GiB)", pos=pos,
+                         hint="use fewer or smaller terms, or set KERAS_DECOMP_MAX_BYTES to allow more")
 
 
 def atom_order(stage: s.Ast) -> dict[int, int]:

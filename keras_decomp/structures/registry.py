@@ -148,12 +148,16 @@ def _lowrank(low, call, args, rows, cols, key):
 
 
 def _sum(low, call, args, rows, cols, key):
+    from ..lower import check_memory
+    check_memory(args["n"] * rows * cols, f"sum(n={args['n']}) of {rows}x{cols} terms", pos=call.pos)
     draws = tuple(low.lower(call.args[0], rows, cols, key + (low.index(call), j)) for j in range(args["n"]))
     return SumOf((rows, cols), key=_auto_key(low, call, key), draws=draws)
 
 
 def _tile(low, call, args, rows, cols, key):
     n = args["n"]
+    if n > cols:
+        raise ShapeError(f"tile(n={n}) needs at least {n} columns, got {cols}", pos=call.pos)
     if cols % n:
         raise ShapeError(f"tile(n={n}) needs a number of columns divisible by {n}, got {cols}",
                          pos=call.pos, hint=f"use {cols - cols % n} or {cols - cols % n + n} outputs")
