@@ -10,7 +10,11 @@ parts load on first use.
 
 from importlib import import_module
 
+# approximate and export share their names with their modules: the functions are
+# imported eagerly (numpy only), so importing the modules later cannot shadow them.
+from .approximate import approximate
 from .errors import DecompError
+from .export import export
 from .parse import parse
 
 __version__ = "0.1.0"
@@ -25,12 +29,11 @@ _LAZY = {
     "build": "specs",
     "load_spec": "specs",
     "summarize": "report",
-    "approximate": "approximate",
     "fit_staged": "staging",
     "decompose": "compress",
 }
 
-__all__ = ["DecompError", "parse", *_LAZY]
+__all__ = ["DecompError", "approximate", "export", "parse", *_LAZY]
 
 
 def __getattr__(name):

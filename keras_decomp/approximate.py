@@ -74,8 +74,10 @@ def fit(W, node_or_text, seed: int = 0, params=None, init: dict | None = None) -
     if method is not None:
         values = method(W, node, rng)
         return Approximation(values, rel_error(W, node, values, fixed), type(node).__name__.lower())
-    if isinstance(node, LowRank):
-        return Approximation(_svd(W, node), rel_error(W, node, _svd(W, node), fixed), "truncated SVD")
+    lowrank = _lowrank_view(W, node)
+    if lowrank is not None:
+        values = _svd(*lowrank)
+        return Approximation(values, rel_error(W, node, values, fixed), "truncated SVD")
     keys = list(node.param_shapes())
     if degree(node, set(keys)) <= 1:
         values = _solve_linear(W, node, values, fixed, keys)
@@ -137,7 +139,25 @@ def degree(node: ir.Node, keys: set) -> int:
     return max((degree(c, keys) for c in node.children()), default=int(bool(set(node.own_params()) & keys)))
 
 
-def _svd(W, node: LowRank) -> dict:
+def _lowrank_view(W, node):
+    """(target, LowRank node, other values) when ``node`` is a ``lowrank`` under
+    transposes and scalings: (c L)' = W is L = W' / c, so truncated SVD stays
+    optimal there.  A trainable scale is redundant with u and is set to 1."""
+    scales = {}
+    while True:
+        if isinstance(node, LowRank):
+            return W, node, scales
+        if isinstance(node, ir.Transpose):
+            node, W = node.child, W.T
+        elif isinstance(node, ir.Scale) and node.constant != 0 and node.key not in scales:
+            if node.key:
+                scales[node.key] = np.ones(())
+            node, W = node.child, W / node.constant
+        else:
+            return None
+
+
+def _svd(W, node: LowRank, others: dict | None = None) -> dict:
     U, s, Vt = np.linalg.svd(W, full_matrices=False)
     r = node.rank
     root = np.sqrt(s[:r])
@@ -146,7 +166,7 @@ def _svd(W, node: LowRank) -> dict:
     k = min(r, len(s))
     u[:, :k] = U[:, :k] * root[:k]
     v[:k] = root[:k, None] * Vt[:k]
-    return {node.key + ".u": u, node.key + ".v": v}
+    return {**(others or {}), node.key + ".u": u, node.key + ".v": v}
 
 
 # ---- least squares -------------------------------------------------------------
@@ -242,23 +262,45 @@ def _probe_solve(target, node, values, fixed, keys, left=None, right=None) -> di
     if p * rhs.size <= DESIGN_LIMIT:
         theta = lstsq(np.stack([column(j) for j in range(p)], axis=1), rhs)
     else:  # the Gram system, built block by block: p x p, never (size x p)
-        chunk = max(1, int(DESIGN_LIMIT // (2 * rhs.size)))
-        spans = [range(a, min(a + chunk, p)) for a in range(0, p, chunk)]
-        gram, proj = np.zeros((p, p)), np.zeros(p)
-        for i, rows in enumerate(spans):
-            A = np.stack([column(j) for j in rows], axis=1)
-            proj[rows.start:rows.stop] = A.T @ rhs
-            for cols in spans[i:]:
-                B = A if cols == rows else np.stack([column(j) for j in cols], axis=1)
-                gram[rows.start:rows.stop, cols.start:cols.stop] = A.T @ B
-                gram[cols.start:cols.stop, rows.start:rows.stop] = (A.T @ B).T
-        theta = lstsq(gram, proj)
+        theta = _gram_solve(column, p, rhs)
     out, start = {}, 0
     for k, s in shapes.items():
         size = math.prod(s)
         out[k] = theta[start:start + size].reshape(s)
         start += size
     return out
+
+
+def _gram_solve(column, p: int, rhs) -> np.ndarray:
+    """argmin ||A theta - rhs|| from A's Gram matrix, A's columns made on demand,
+    at most about DESIGN_LIMIT entries of A held at once.
+
+    The normal equations square A's condition number, so the columns are first
+    scaled to unit norm (bases of very different sizes then cost nothing) and
+    the scaled Gram matrix is solved by eigendecomposition, dropping what it
+    cannot resolve: eigenvalues below p * eps of the largest, i.e. directions
+    where A's singular values fall below ~sqrt(p * eps) of its largest.  The
+    values stay finite; for nearly parallel columns the fit is that of a
+    truncated solve, which lstsq on the design matrix itself could beat.
+    """
+    chunk = max(1, int(DESIGN_LIMIT // (2 * rhs.size)))
+    spans = [range(a, min(a + chunk, p)) for a in range(0, p, chunk)]
+    gram, proj = np.zeros((p, p)), np.zeros(p)
+    for i, rows in enumerate(spans):
+        A = np.stack([column(j) for j in rows], axis=1)
+        proj[rows.start:rows.stop] = A.T @ rhs
+        for cols in spans[i:]:
+            B = A if cols == rows else np.stack([column(j) for j in cols], axis=1)
+            block = A.T @ B
+            gram[rows.start:rows.stop, cols.start:cols.stop] = block
+            gram[cols.start:cols.stop, rows.start:rows.stop] = block.T
+    norms = np.sqrt(np.diagonal(gram).copy())
+    norms[norms == 0] = 1.0  # an all-zero column: its coefficient stays 0
+    gram /= np.outer(norms, norms)
+    eigenvalues, vectors = np.linalg.eigh(gram)
+    keep = eigenvalues > max(eigenvalues[-1], 0.0) * p * np.finfo(np.float64).eps
+    scaled = vectors[:, keep] @ ((vectors[:, keep].T @ (proj / norms)) / eigenvalues[keep])
+    return scaled / norms
 
 
 def _wrapped(M, left, right):
@@ -288,11 +330,20 @@ def _column_maker(node, zero, fixed, shapes, offset, wrap):
 # ---- alternating least squares ------------------------------------------------------
 
 def _als(W, node, values, fixed, keys, sweeps: int = 100, tol: float = 1e-10) -> Approximation:
+    """Each block solve is exact, so a sweep can only lower the error, up to
+    rounding and the small-singular-value cutoff of ``lstsq``; a sweep that
+    raises it anyway is undone and ends the iteration, so the history never
+    increases."""
     history = [rel_error(W, node, values, fixed)]
     for _ in range(sweeps):
+        trial = values
         for key in keys:
-            values = {**values, **solve_block(W, node, values, fixed, key)}
-        history.append(rel_error(W, node, values, fixed))
+            trial = {**trial, **solve_block(W, node, trial, fixed, key)}
+        error = rel_error(W, node, trial, fixed)
+        if not error <= history[-1]:  # also catches NaN
+            break
+        values = trial
+        history.append(error)
         if history[-2] - history[-1] <= tol * max(history[-2], 1e-300):
             break
     return Approximation(values, history[-1], "alternating least squares", history)

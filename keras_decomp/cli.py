@@ -3,6 +3,7 @@
     keras-decomp parse "W = sum(G, n=8) | dense" --in 784 --out 10 [--param k=100] [--seed 0]
     keras-decomp train SPEC.yaml [--data full|bundled|auto] [--epochs N] [--out DIR] [--resume]
     keras-decomp export MODEL.keras --tflite OUT.tflite [--mode auto] [--quantize dynamic]
+    keras-decomp compress MODEL.keras --layer NAME="EXPR" [--layer ...] --out NEW.keras [--data bundled]
 
 Errors in what the user wrote print as the DecompError message and exit 2.
 """
@@ -53,7 +54,27 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", choices=("auto", "bundled", "full"), default=None,
                    help="compare on 500 test images of this data (default: random inputs)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    c = commands.add_parser("compress", help="decompose layers of a trained .keras model, initialised from "
+                                             "their kernels; print a before/after table")
+    c.add_argument("model", help="a trained model, e.g. runs/lenet/model.keras")
+    c.add_argument("--layer", action="append", type=_layer, required=True, metavar='NAME="EXPR"',
+                   help='a Dense or Conv2D layer and its expression, e.g. dense_1="lowrank(r=16)" (repeatable)')
+    c.add_argument("--out", required=True, help="where to write the new model (a .keras file)")
+    c.add_argument("--data", choices=("auto", "full", "bundled", "tfds", "idx", "none"), default="auto",
+                   help="where the test split for the accuracy comes from; none: do not evaluate")
+    c.add_argument("--dataset", default="fashion_mnist", help="the data set to evaluate on (default fashion_mnist)")
+    c.add_argument("--param", action="append", type=_param, default=[], metavar="NAME=VALUE",
+                   help="bind a symbol of the expressions, e.g. --param k=100 (repeatable)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the expressions' random bases")
     return parser
+
+
+def _layer(text: str) -> tuple[str, str]:
+    name, sep, expression = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not expression.strip() or not name.replace("_", "a").replace("-", "a").isalnum():
+        raise argparse.ArgumentTypeError(f'expected NAME="EXPR" (a layer name and its expression), got {text!r}')
+    return name, expression.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "compress":
+            return _compress(args)
     except DecompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -148,6 +171,41 @@ def _export(args) -> int:
                             quantize=args.quantize if fmt == "tflite" else None, sample=sample,
                             representative_data=sample)
             print(format_report(report))
+    return 0
+
+
+def _compress(args) -> int:
+    from pathlib import Path
+
+    from .compress import accuracy_on, comparison, decompose
+    from .layers import load_model
+
+    source, out = Path(args.model), Path(args.out)
+    if not source.is_file():
+        raise DecompError(f"{source}: no such model file")
+    if out.suffix != ".keras":
+        raise DecompError(f"--out {out}: the new model is saved as a .keras file", hint=f"e.g. --out {out.stem}.keras")
+    expressions = {}
+    for name, expression in args.layer:
+        if name in expressions:
+            raise DecompError(f"--layer {name} is given twice")
+        expressions[name] = expression
+    model = load_model(source)
+    errors = {}
+    new = decompose(model, expressions, params=dict(args.param), seed=args.seed, report=errors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new.save(out)  # before evaluating: a missing data set must not lose the new model
+    accuracy, why = (None, None), "--data none"
+    if args.data != "none":
+        from .data import load
+
+        data = load(args.dataset, source=args.data)
+        before, why = accuracy_on(model, data)
+        if before is not None:
+            accuracy = (before, accuracy_on(new, data)[0])
+        print(f"data: {data.name}, {data.source}")
+    print(comparison(model, new, errors, accuracy, why))
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,7 +1,15 @@
 """Staged training: train stage s, materialise each decomposed layer's W,
 approximate stage s+1 from it by least squares, keep the biases and every
-other layer, train on.  A checkpoint is written after every epoch; a run that
-was interrupted resumes at the stage and epoch where it stopped.
+other layer, train on.  A checkpoint is written after every epoch and every
+hand-over; a run that was interrupted, even by SIGKILL, resumes at the stage
+and epoch where it stopped, and its report lists every epoch once.
+
+Checkpoint layout (``OUT/checkpoint``): ``state.json`` records where the run
+is, what it measured so far and which model file holds its weights
+(``model-s<stage>-e<epoch>.keras``).  A model file is written under a new name
+and complete before ``state.json`` is replaced to point at it, and the old
+file is removed only after that: whenever the process dies, ``state.json``
+names a complete model of exactly the stage and epoch it records.
 """
 
 from __future__ import annotations
@@ -39,9 +47,15 @@ def kernel_matrix(layer) -> np.ndarray:
 
 def hand_over(old_model, new_model) -> dict[str, float]:
     """Initialise ``new_model`` from ``old_model`` layer by layer: copy what is
-    unchanged, approximate what changed.  Returns the error per changed layer."""
+    unchanged (weights, biases, normalisation statistics), approximate what
+    changed and copy its bias.  Returns the error per changed layer."""
     from .layers import _Decomposed
 
+    # Layers correspond by position (Keras numbers the names of unnamed layers per build).
+    old_kinds = [type(layer).__name__ for layer in old_model.layers]
+    new_kinds = [type(layer).__name__ for layer in new_model.layers]
+    if old_kinds != new_kinds:
+        raise DecompError(f"cannot hand over between models with different layers: {old_kinds} and {new_kinds}")
     errors = {}
     for old, new in zip(old_model.layers, new_model.layers):
         changed = isinstance(new, _Decomposed) and (
@@ -77,6 +91,9 @@ def fit_staged(spec, source: str | None = None, out: str | Path | None = None, r
     if resume and state is None:
         raise DecompError(f"nothing to resume in {out}: no checkpoint was written there",
                           hint="run without --resume to start")
+    if state is not None and state.data["spec"] != spec.name:
+        raise DecompError(f"the checkpoint in {out} is of spec '{state.data['spec']}', not '{spec.name}'",
+                          hint="resume with the spec that started the run, or choose another --out")
     state = state or _State.new(spec)
     keras.utils.set_random_seed(spec.seed)
     data = load_data(spec, source)
@@ -106,17 +123,34 @@ class _State:
         path = out / "checkpoint" / "state.json"
         if not path.is_file():
             return None
-        return cls(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if not (out / "checkpoint" / data.get("model", "")).is_file():
+            raise DecompError(f"{path} names the model file '{data.get('model')}', which is not there",
+                              hint="the checkpoint is damaged; run without --resume to start again")
+        return cls(data)
+
+    def model_path(self, out: Path) -> Path:
+        return out / "checkpoint" / self.data["model"]
 
     def save(self, out: Path, model) -> None:
         folder = out / "checkpoint"
         folder.mkdir(exist_ok=True)
-        tmp = folder / "model.tmp.keras"
+        name = f"model-s{self.data['stage']}-e{self.data['epoch']}.keras"
+        tmp = folder / f"tmp-{name}"
         model.save(tmp)
-        tmp.replace(folder / "model.keras")  # the model first: state.json never points ahead of it
-        tmp = folder / "state.tmp.json"
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(folder / "state.json")
+        tmp.replace(folder / name)
+        _write_json(folder / "state.json", {**self.data, "model": name})  # the commit point
+        self.data["model"] = name
+        for old in folder.glob("*model-*.keras"):  # older epochs, and parts left by a kill
+            if old.name != name:
+                old.unlink()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Replace ``path`` atomically: readers see the old or the new file, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
 
 
 class _Runner:
@@ -154,9 +188,9 @@ class _Runner:
         from .layers import load_model
         stages = self.spec.num_stages
         s = self.state.data
-        if s["epoch"] > 0 or s["stage"] > 0 or s["stages"]:
+        if "model" in s:  # resuming
             with self.scope():
-                model = load_model(self.out / "checkpoint" / "model.keras")
+                model = load_model(self.state.model_path(self.out))
         else:
             model = self.model_for(0)
             s["stages"].append(self.stage_entry(0, model, {}, None, None))
@@ -182,6 +216,13 @@ class _Runner:
                 "accuracy_after_handover": after, "accuracy_end": None}
 
     def train_stage(self, model, stage: int) -> None:
+        if self.state.data["epoch"] >= self.epochs(stage):  # resumed after its last epoch
+            return
+        model.fit(self.train_ds, epochs=self.epochs(stage), initial_epoch=self.state.data["epoch"],
+                  validation_data=self.test_ds, verbose=self.verbose, callbacks=self.callbacks(stage))
+
+    def callbacks(self, stage: int) -> list:
+        """The Keras callbacks of one stage's ``fit``: the per-epoch checkpoint."""
         import keras
         runner = self
 
@@ -193,8 +234,7 @@ class _Runner:
                 s["epoch"] = epoch + 1
                 runner.state.save(runner.out, self.model)
 
-        model.fit(self.train_ds, epochs=self.epochs(stage), initial_epoch=self.state.data["epoch"],
-                  validation_data=self.test_ds, verbose=self.verbose, callbacks=[Checkpoint()])
+        return [Checkpoint()]
 
     def report(self, data_source: str, model) -> dict:
         from .report import layer_table

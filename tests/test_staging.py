@@ -1,0 +1,418 @@
+"""Tests of staged training, checkpoints and resume, decompose() and `keras-decomp compress`,
+on the bundled Fashion-MNIST subset.
+
+The staged spec is specs/staged_sums.yaml: ``sum(G, n=10) | sum(G, n=50) | dense``, two epochs
+per stage. The SIGKILL test runs the real command in a child process that a test-only
+callback holds in the middle of stage 2 (1-based), so the kill lands there every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import yaml
+
+from keras_decomp import DecompError, staging
+from keras_decomp.cli import main
+from keras_decomp.compress import decompose
+from keras_decomp.data import load
+from keras_decomp.layers import load_model
+from keras_decomp.staging import fit_staged
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "specs" / "staged_sums.yaml"
+EPOCHS = [(stage, epoch) for stage in range(3) for epoch in range(2)]  # the spec's (stage, epoch)
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning",
+    "ignore:`shuffle=True` was passed:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load(source="bundled")
+
+
+def small_spec(name="staged_small"):
+    """The staged spec on 1000 images: for the tests that look at files, not accuracy."""
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["name"] = name
+    spec["data"] = {"name": "fashion_mnist", "limit": 1000}
+    return spec
+
+
+def epochs_of(report):
+    return [(h["stage"], h["epoch"]) for h in report["history"]]
+
+
+# ---- a whole staged run -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    out = tmp_path_factory.mktemp("staged")
+    report = fit_staged(SPEC, source="bundled", out=out, verbose=0)
+    return report, out
+
+
+@pytest.mark.slow
+def test_handover_keeps_what_was_learned(staged):
+    report, _ = staged
+    stages = report["stages"]
+    assert [s["stage"] for s in stages] == [0, 1, 2]
+    for previous, stage in zip(stages, stages[1:]):
+        assert stage["accuracy_before_handover"] == previous["accuracy_end"]
+        # at most 0.5 points lost by the re-initialisation
+        assert stage["accuracy_after_handover"] >= stage["accuracy_before_handover"] - 0.005, stage
+        (error,) = stage["handover_error"].values()
+        assert error < 1e-6  # nested draws, then dense: exact up to float32
+    assert stages[-1]["accuracy_end"] > stages[0]["accuracy_end"]  # training did go on
+
+
+@pytest.mark.slow
+def test_report_gives_every_stage_and_every_epoch_once(staged):
+    report, out = staged
+    assert epochs_of(report) == EPOCHS
+    # trainable parameters per stage: 10, 50 coefficients or the 784x10 kernel, plus the bias
+    assert [s["trainable_params"] for s in report["stages"]] == [20, 60, 7850]
+    assert report["trainable_params"] == 7850
+    assert report["test_accuracy"] == pytest.approx(report["stages"][-1]["accuracy_end"], abs=1e-6)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert epochs_of(on_disk) == EPOCHS and on_disk["stages"] == report["stages"]
+
+
+@pytest.mark.slow
+def test_checkpoint_folder_holds_one_model_and_its_state(staged):
+    _, out = staged
+    files = sorted(p.name for p in (out / "checkpoint").iterdir())
+    assert files == ["model-s2-e2.keras", "state.json"]
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert (state["stage"], state["epoch"], state["model"]) == (2, 2, "model-s2-e2.keras")
+
+
+# ---- interruptions ------------------------------------------------------------------------------
+
+STALL = '''\
+"""keras-decomp, held in stage 1 (0-based) after its first epoch until killed: a test hook."""
+import sys
+import time
+
+import keras
+
+from keras_decomp import staging
+from keras_decomp.cli import main
+
+
+class Stall(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.epoch >= 1 and batch == 3:
+            open(sys.argv[1], "w").close()  # the marker: in the middle of an epoch now
+            time.sleep(600)
+
+
+original = staging._Runner.callbacks
+staging._Runner.callbacks = lambda self, stage: original(self, stage) + ([Stall()] if stage == 1 else [])
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def command():
+    script = Path(sys.executable).with_name("keras-decomp")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "keras_decomp.cli"]
+
+
+@pytest.mark.slow
+def test_sigkill_during_stage_two_then_resume(tmp_path):
+    out = tmp_path / "run"
+    hook, marker = tmp_path / "stall.py", tmp_path / "stalled"
+    hook.write_text(STALL)
+    train = ["train", str(SPEC), "--data", "bundled", "--out", str(out), "--quiet"]
+    log = (tmp_path / "first.log").open("w")
+    child = subprocess.Popen([sys.executable, str(hook), str(marker), *train], cwd=ROOT,
+                             stdout=log, stderr=subprocess.STDOUT)
+    state_file = out / "checkpoint" / "state.json"
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert child.poll() is None, f"the run ended early:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the run did not reach stage 2 in time"
+            time.sleep(0.2)
+        state = json.loads(state_file.read_text())
+        assert state["stage"] == 1 and state["epoch"] >= 1  # stage 2 (1-based), one epoch done
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        log.close()
+    assert not (out / "report.json").exists()
+    killed_at = json.loads(state_file.read_text())
+    assert (killed_at["stage"], killed_at["epoch"]) == (1, 1)
+    assert epochs_of(killed_at) == EPOCHS[:3]
+
+    resumed = subprocess.run([*command(), *train, "--resume"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert epochs_of(report) == EPOCHS  # every (stage, epoch) once, in order
+    stages = report["stages"]
+    assert [s["stage"] for s in stages] == [0, 1, 2] and all(s["accuracy_end"] is not None for s in stages)
+    assert stages[2]["accuracy_after_handover"] >= stages[2]["accuracy_before_handover"] - 0.005
+    assert "stage 2: hand-over error" in resumed.stdout
+
+
+class Interrupted(Exception):
+    """Stands for the process dying at this point."""
+
+
+def interrupt_once(monkeypatch, target, name, when):
+    real = getattr(target, name)
+    fired = []
+
+    def wrapper(*args, **kwargs):
+        if not fired and when(*args, **kwargs):
+            fired.append(True)
+            raise Interrupted
+        return real(*args, **kwargs)
+    monkeypatch.setattr(target, name, wrapper)
+    return fired
+
+
+@pytest.mark.slow
+def test_interrupted_between_stages_resumes(tmp_path, monkeypatch):
+    """Two deaths between stages: before the hand-over 0 -> 1, and after stage 2's model file
+    was written but before state.json pointed at it. Each resume goes on from the last
+    recorded epoch; a finished run resumed changes nothing."""
+    spec = small_spec()
+    run = dict(source="bundled", out=tmp_path, epochs=1, verbose=0)
+    state_file = tmp_path / "checkpoint" / "state.json"
+
+    fired = interrupt_once(monkeypatch, staging, "hand_over", lambda old, new: True)
+    with pytest.raises(Interrupted):
+        fit_staged(spec, **run)
+    assert fired
+    state = json.loads(state_file.read_text())
+    assert (state["stage"], state["epoch"], epochs_of(state)) == (0, 1, [(0, 0)])
+
+    fired = interrupt_once(monkeypatch, staging, "_write_json", lambda path, data: data["stage"] == 2)
+    with pytest.raises(Interrupted):
+        fit_staged(spec, resume=True, **run)
+    assert fired
+    state = json.loads(state_file.read_text())
+    assert (state["stage"], state["epoch"], epochs_of(state)) == (1, 1, [(0, 0), (1, 0)])
+    assert (tmp_path / "checkpoint" / state["model"]).is_file()
+
+    report = fit_staged(spec, resume=True, **run)
+    assert epochs_of(report) == [(0, 0), (1, 0), (2, 0)]
+    stages = report["stages"]
+    assert [s["stage"] for s in stages] == [0, 1, 2]
+    for previous, stage in zip(stages, stages[1:]):
+        assert stage["accuracy_before_handover"] == previous["accuracy_end"]
+        assert stage["accuracy_after_handover"] >= previous["accuracy_end"] - 0.005
+
+    again = fit_staged(spec, resume=True, **run)
+    assert epochs_of(again) == epochs_of(report)
+    assert again["test_accuracy"] == report["test_accuracy"]
+    assert again["stages"] == report["stages"]
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(DecompError, match=r"^nothing to resume in .*: no checkpoint was written there\n"
+                                          r"run without --resume to start$"):
+        fit_staged(small_spec(), source="bundled", out=tmp_path / "empty", resume=True, verbose=0)
+    folder = tmp_path / "other" / "checkpoint"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"spec": "mlp", "stage": 0, "epoch": 1, "model": "m.keras"}))
+    (folder / "m.keras").write_bytes(b"")
+    with pytest.raises(DecompError, match=r"the checkpoint in .* is of spec 'mlp', not 'staged_small'"):
+        fit_staged(small_spec(), source="bundled", out=tmp_path / "other", resume=True, verbose=0)
+    (folder / "m.keras").unlink()
+    with pytest.raises(DecompError, match=r"names the model file 'm.keras', which is not there"):
+        fit_staged(small_spec(), source="bundled", out=tmp_path / "other", resume=True, verbose=0)
+
+
+# ---- hand_over ----------------------------------------------------------------------------------
+
+def test_hand_over_copies_other_layers_and_keeps_biases():
+    from keras_decomp import build
+
+    spec = {"name": "handover", "input": {"shape": [6, 6, 2]}, "layers": [
+        {"Conv2D": {"filters": 4, "kernel_size": 3, "W": "sum(G, n=3) | dense", "activation": "relu"}},
+        {"BatchNormalization": {}},
+        {"MaxPooling2D": {}},
+        {"Flatten": {}},
+        {"Dropout": {"rate": 0.5}},
+        {"Dense": {"units": 5, "activation": "relu"}},
+        {"Dense": {"units": 3, "W": "lowrank(r=2) | lowrank(r=3)"}},
+    ]}
+    old, new = build(spec, stage=0), build(spec, stage=1)
+    rng = np.random.default_rng(0)
+    for layer in old.layers:
+        layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
+    x = rng.normal(size=(4, 6, 6, 2)).astype("float32")
+    errors = staging.hand_over(old, new)
+    assert set(errors) == {"conv2d_0", "dense_6"}
+    assert errors["conv2d_0"] < 1e-6 and errors["dense_6"] < 1e-6  # dense and a larger rank: exact
+    for a, b in zip(old.layers, new.layers):
+        for u, v in zip(a.get_weights(), b.get_weights()):
+            if a.name not in errors:  # plain layers: every weight, normalisation statistics too
+                np.testing.assert_array_equal(u, v)
+        if a.name in errors:
+            np.testing.assert_array_equal(a.bias.numpy(), b.bias.numpy())
+    np.testing.assert_allclose(new(x, training=False), old(x, training=False), atol=1e-4)
+
+
+# ---- decompose ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A small trained CNN: convolution, pooling, dropout, two Dense layers; saved to a file."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(6, 3, activation="relu", name="conv"),
+        keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv2"),
+        keras.layers.MaxPooling2D(name="pool"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dropout(0.2, name="dropout"),
+        keras.layers.Dense(24, activation="relu", name="hidden"),
+        keras.layers.Dense(10, name="logits"),
+    ], name="cnn")
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    train, _ = data.pipelines(batch_size=64, limit=2000)
+    model.fit(train, epochs=1, verbose=0)
+    path = tmp_path_factory.mktemp("trained") / "cnn.keras"
+    model.save(path)
+    return model, path
+
+
+def images(data, n=64):
+    return data.x_test[:n].astype("float32") / 255.0
+
+
+@pytest.mark.parametrize("layer,expression", [
+    ("hidden", "lowrank(r=24)"),  # (288, 24): full rank 24
+    ("logits", "lowrank(r=10)"),
+    ("conv", "lowrank(r=6)"),  # (3*3*1, 6)
+    ("conv2", "lowrank(r=8)"),  # (3*3*6, 8)
+])
+def test_decompose_at_full_rank_reproduces_the_outputs(trained, data, layer, expression):
+    model, _ = trained
+    errors = {}
+    new = decompose(model, {layer: expression}, report=errors)
+    assert errors[layer] < 1e-6
+    x = images(data)
+    np.testing.assert_allclose(new.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4)
+    replaced = new.get_layer(layer)
+    assert type(replaced).__module__ == "keras_decomp.layers" and replaced.W == expression
+    np.testing.assert_array_equal(replaced.bias.numpy(), model.get_layer(layer).bias.numpy())
+    assert new.compiled  # the compile settings carry over, for fine-tuning
+
+
+def test_decompose_several_layers_and_copy_the_rest(trained, data):
+    model, _ = trained
+    errors = {}
+    new = decompose(model, {"hidden": "lowrank(r=4)", "conv2": "sum(G, n=20)"}, report=errors)
+    assert set(errors) == {"hidden", "conv2"}
+    # the truncated SVD's error, from the trained kernel
+    kernel = model.get_layer("hidden").kernel.numpy().astype(np.float64)
+    s = np.linalg.svd(kernel, compute_uv=False)
+    assert errors["hidden"] == pytest.approx(np.sqrt(np.sum(s[4:] ** 2)) / np.linalg.norm(kernel), rel=1e-5)
+    assert 0 < errors["conv2"] < 1
+    for name in ("conv", "logits"):
+        for u, v in zip(model.get_layer(name).get_weights(), new.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(u, v)
+    assert new.count_params() < model.count_params()
+    assert np.isfinite(new.predict(images(data), verbose=0)).all()
+
+
+def test_decompose_errors(trained):
+    model, _ = trained
+    with pytest.raises(DecompError, match=r"^the model has no layer 'hiden'\ndid you mean 'hidden'\?$"):
+        decompose(model, {"hiden": "lowrank(r=4)"})
+    with pytest.raises(DecompError, match=r"^the model has no layer 'zzz'\nlayers: conv, conv2, dropout, "
+                                          r"flatten, hidden, logits, pool$"):
+        decompose(model, {"zzz": "lowrank(r=4)"})
+    with pytest.raises(DecompError, match=r"^layer 'pool' is a MaxPooling2D; only Dense and Conv2D layers "
+                                          r"can be decomposed$"):
+        decompose(model, {"pool": "dense"})
+    with pytest.raises(DecompError, match=r"layer 'hidden': .*lowrank"):
+        decompose(model, {"hidden": "lowrank(r=0)"})
+
+
+# ---- keras-decomp compress ----------------------------------------------------------------------
+
+def test_compress_command(trained, tmp_path, capsys):
+    model, path = trained
+    out = tmp_path / "small.keras"
+    code = main(["compress", str(path), "--layer", "hidden=lowrank(r=k)", "--layer", "conv2=lowrank(r=8)",
+                 "--param", "k=24", "--out", str(out), "--data", "bundled"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    lines = text.splitlines()
+    assert lines[0] == "data: fashion_mnist, bundled subset (5000 train / 1000 test)"
+    assert lines[1].split() == ["layer", "expression", "params", "before", "params", "after",
+                                "approximation", "error"]
+    conv2, hidden = lines[2].split(), lines[3].split()  # in the model's order
+    assert conv2[:4] == ["conv2", "lowrank(r=8)", str(3 * 3 * 6 * 8 + 8), str(3 * 3 * 6 * 8 + 8 * 8 + 8)]
+    n = model.get_layer("hidden").kernel.shape[0]  # 6 * 6 * 8 after the pooling
+    assert hidden[:4] == ["hidden", "lowrank(r=k)", str(n * 24 + 24), str(n * 24 + 24 * 24 + 24)]
+    assert float(conv2[4]) < 1e-6 and float(hidden[4]) < 1e-6
+    small = load_model(out)
+    assert lines[4].split() == ["model", str(model.count_params()), str(small.count_params())]
+    before, after = lines[5].removeprefix("test accuracy before fine-tuning: ").split(" -> ")
+    expected = model.evaluate(load(source="bundled").pipelines(shuffle=False)[1], verbose=0)[1]
+    assert float(before) == pytest.approx(expected, abs=1e-4)
+    assert abs(float(after) - float(before)) <= 0.002  # full rank: the same model
+    assert lines[6] == f"wrote {out}"
+    x = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
+    np.testing.assert_allclose(small.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4)
+
+
+def test_compress_says_when_it_cannot_evaluate(tmp_path, capsys):
+    keras.utils.set_random_seed(1)
+    flat = keras.Sequential([keras.Input((784,)), keras.layers.Dense(16, name="hidden"),
+                             keras.layers.Dense(10, name="logits")])
+    path = tmp_path / "flat.keras"
+    flat.save(path)
+    code = main(["compress", str(path), "--layer", "hidden=sum(G, n=8)", "--out", str(tmp_path / "n.keras"),
+                 "--data", "bundled"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert ("test accuracy: not evaluated (the model takes inputs of shape (784,), fashion_mnist images "
+            "are (28, 28, 1))") in text
+    code = main(["compress", str(path), "--layer", "hidden=sum(G, n=8)", "--out", str(tmp_path / "n.keras"),
+                 "--data", "none"])
+    text = capsys.readouterr().out
+    assert code == 0 and "data:" not in text and "test accuracy: not evaluated (--data none)" in text
+
+
+def test_compress_errors(trained, tmp_path, capsys):
+    _, path = trained
+    out = str(tmp_path / "n.keras")
+    assert main(["compress", str(path), "--layer", "hiden=dense", "--out", out, "--data", "none"]) == 2
+    assert capsys.readouterr().err == "error: the model has no layer 'hiden'\ndid you mean 'hidden'?\n"
+    assert main(["compress", str(tmp_path / "missing.keras"), "--layer", "hidden=dense", "--out", out]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.keras'}: no such model file\n"
+    assert main(["compress", str(path), "--layer", "hidden=dense", "--out", str(tmp_path / "n.h5")]) == 2
+    assert "the new model is saved as a .keras file" in capsys.readouterr().err
+    assert main(["compress", str(path), "--layer", "hidden=dense", "--layer", "hidden=diag", "--out", out]) == 2
+    assert capsys.readouterr().err == "error: --layer hidden is given twice\n"
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", str(path), "--layer", "lowrank(r=4)", "--out", out])
+    assert exit_.value.code == 2
+    assert 'expected NAME="EXPR"' in capsys.readouterr().err
+    assert not os.path.exists(out)
