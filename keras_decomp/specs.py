@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from .data import DATASETS, SOURCES
 from .errors import DecompError, SpecError
 
 TOP_KEYS = ("name", "description", "seed", "input", "params", "fixed", "layers", "data", "train",
@@ -37,6 +39,15 @@ STAGE_KEYS = ("epochs", "learning_rate", "batch_size")
 DATA_KEYS = ("name", "source", "limit")
 EXPORT_KEYS = ("tflite", "saved_model")
 DECOMPOSED = ("Dense", "Conv2D")
+DECLARABLE = ("G", "S", "R", "D", "P")  # the bases a fixed: declaration may name (lower.declared_leaf)
+
+_COUNT = ("a positive integer", (int,), True)
+# A key of data:, train: or stages[i]: -> (what its value must be, its types, whether it must be > 0).
+VALUE_KINDS = {"epochs": _COUNT, "batch_size": _COUNT, "limit": _COUNT,
+               "learning_rate": ("a positive number", (int, float), True), "optimizer": ("a string", (str,), False),
+               "loss": ("a string", (str,), False), "metrics": ("a list", (list,), False),
+               "from_logits": ("true or false", (bool,), False)}
+TYPE_NAMES = {int: "an integer", str: "a string", dict: "a mapping", list: "a list"}
 DEFAULT_INPUTS = {"fashion_mnist": [28, 28, 1], "mnist": [28, 28, 1]}
 
 
@@ -73,13 +84,12 @@ class Spec:
         return max(counts, default=1)
 
     def error(self, path: str, message: str, hint: str | None = None) -> SpecError:
-        """A SpecError located at ``path`` (file:line key.path: message)."""
-        line = self.lines.get(path)
-        while line is None and path:
-            path_up = path.rsplit(".", 1)[0] if "." in path else path.rsplit("[", 1)[0]
-            if path_up == path:
-                break
-            path, line = path_up, self.lines.get(path_up)
+        """A SpecError located at ``path`` (file:line key.path: message); a key that is
+        not in the file takes the line of the nearest enclosing one."""
+        up, line = path, self.lines.get(path)
+        while line is None and up:
+            up = up.rsplit(".", 1)[0] if "." in up else up.rsplit("[", 1)[0] if "[" in up else ""
+            line = self.lines.get(up)
         where = f"{self.source}:{line}" if line else self.source
         return SpecError(f"{where} {path}: {message}" if path else f"{where}: {message}", hint=hint)
 
@@ -92,7 +102,8 @@ def load_spec(spec) -> Spec:
     if isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec and spec.endswith((".yaml", ".yml"))):
         path = Path(spec)
         if not path.is_file():
-            raise SpecError(f"{path}: no such spec file")
+            near = _nearest(path.name, [p.name for p in path.parent.glob("*.y*ml")]) if path.parent.is_dir() else None
+            raise SpecError(f"{path}: no such spec file", hint=near)
         source, folder, text = str(path), path.resolve().parent, path.read_text()
         data, lines = _read_yaml(text, source)
     elif isinstance(spec, str):
@@ -138,7 +149,8 @@ def _nearest(word: str, choices) -> str | None:
 def _check(data, source, folder, lines) -> Spec:
     probe = Spec("", 0, (), {}, {}, (), {}, {}, (), {}, source, folder, lines)
     if not isinstance(data, dict):
-        raise probe.error("", f"a spec must be a mapping of keys, got {type(data).__name__}")
+        raise probe.error("", f"a spec must be a mapping of keys, got {type(data).__name__}",
+                          "a path must exist and end in .yaml" if isinstance(data, str) else None)
     for key in data:
         if key not in TOP_KEYS:
             raise probe.error(str(key), f"unknown key '{key}'", _nearest(key, TOP_KEYS) or
@@ -150,9 +162,9 @@ def _check(data, source, folder, lines) -> Spec:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise probe.error(f"params.{key}", f"a parameter must be a number, got {value!r}")
     data_cfg = _typed(probe, data, "data", dict, {})
-    _known_keys(probe, data_cfg, "data", DATA_KEYS)
+    _known_keys(probe, data_cfg, "data", DATA_KEYS, {"name": DATASETS, "source": SOURCES})
     train = _typed(probe, data, "train", dict, {})
-    _known_keys(probe, train, "train", TRAIN_KEYS)
+    _known_keys(probe, train, "train", TRAIN_KEYS, {"optimizer": _optimizers()} if "optimizer" in train else {})
     stages = _typed(probe, data, "stages", list, [])
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict):
@@ -176,15 +188,33 @@ def _typed(spec, data, key, kind, default):
     if value is None:
         return default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise spec.error(key, f"must be a {kind.__name__}, got {type(value).__name__} {value!r}")
+        raise spec.error(key, f"must be {TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}")
     return value
 
 
-def _known_keys(spec, mapping, path, valid):
-    for key in mapping:
+def _known_keys(spec, mapping, path, valid, choices=None):
+    """Unknown keys get the nearest valid one suggested; known ones are type-checked,
+    and checked against ``choices`` (key -> valid values) where it has them."""
+    for key, value in mapping.items():
         if key not in valid:
             raise spec.error(f"{path}.{key}", f"unknown key '{key}'",
                              _nearest(key, valid) or "valid keys: " + ", ".join(valid))
+        what, types, positive = VALUE_KINDS.get(key, (None, (object,), False))
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types) or (positive and value <= 0):
+            hint = ("YAML reads 1e-3 as text: write 1.0e-3" if isinstance(value, str) and
+                    re.fullmatch(r"[-+]?[0-9.]+e[-+]?[0-9]+", value) else None)
+            raise spec.error(f"{path}.{key}", f"must be {what}, got {value!r}", hint)
+        if key in (choices or {}) and value not in choices[key]:
+            raise spec.error(f"{path}.{key}", f"unknown {key} {value!r}",
+                             _nearest(value, choices[key]) or "one of: " + ", ".join(choices[key]))
+
+
+def _optimizers() -> list[str]:
+    """The optimizer names Keras knows (``adam`` or ``Adam``)."""
+    import keras
+
+    names = [n for n in dir(keras.optimizers) if n[:1].isupper() and n not in ("Optimizer", "LossScaleOptimizer")]
+    return [n.lower() for n in names] + names
 
 
 def _check_export(spec, export) -> None:
@@ -208,11 +238,16 @@ def _check_fixed(spec, fixed, folder) -> dict:
         if not str(name)[:1].isupper():
             raise spec.error(path, f"a fixed matrix name starts with an uppercase letter, got '{name}'")
         if not isinstance(decl, dict) or len(decl) != 1 or next(iter(decl)) not in ("basis", "file"):
-            raise spec.error(path, "declare a fixed matrix as {basis: R} or {file: basis.npy}")
+            key = next(iter(decl)) if isinstance(decl, dict) and len(decl) == 1 else None
+            raise spec.error(path, "declare a fixed matrix as {basis: R} or {file: basis.npy}",
+                             _nearest(key, ("basis", "file")) if key is not None else None)
         if "file" in decl:
-            out[name] = {"file": str(_inside(spec, path, folder, decl["file"]))}
+            out[name] = {"file": str(_inside(spec, f"{path}.file", folder, decl["file"]))}
+        elif decl["basis"] not in DECLARABLE:
+            raise spec.error(f"{path}.basis", f"unknown basis {decl['basis']!r}",
+                             _nearest(decl["basis"], DECLARABLE) or "a declared basis is one of " + ", ".join(DECLARABLE))
         else:
-            out[name] = {"basis": str(decl["basis"])}
+            out[name] = {"basis": decl["basis"]}
     return out
 
 
@@ -224,6 +259,12 @@ def _inside(spec, path, folder: Path, file) -> Path:
                          "put basis files beside the spec")
     if not target.is_file():
         raise spec.error(path, f"no such file: {target}")
+    try:
+        matrix = np.load(target, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise spec.error(path, f"{file} is not a .npy array file: {_first_line(err)}", "save it with numpy.save") from None
+    if matrix.ndim != 2:
+        raise spec.error(path, f"{file} holds an array of shape {matrix.shape}, not a matrix")
     return target
 
 
@@ -235,7 +276,9 @@ def _check_input(spec, data, data_cfg) -> tuple[int, ...]:
             raise spec.error("input", "the spec needs an input shape", "add: input: {shape: [28, 28, 1]}")
         return tuple(shape)
     if not isinstance(raw, dict) or set(raw) != {"shape"}:
-        raise spec.error("input", "input must be a mapping with the one key 'shape'", "input: {shape: [28, 28, 1]}")
+        wrong = [k for k in raw if k != "shape"] if isinstance(raw, dict) else []
+        raise spec.error(f"input.{wrong[0]}" if wrong else "input", "input must be a mapping with the one key 'shape'",
+                         (_nearest(wrong[0], ["shape"]) if wrong else None) or "input: {shape: [28, 28, 1]}")
     shape = raw["shape"]
     if not isinstance(shape, list) or not shape or not all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
@@ -250,7 +293,7 @@ def _check_layers(spec, data) -> tuple[LayerSpec, ...]:
     if not isinstance(layers, list) or not layers:
         raise spec.error("layers", "a spec needs a non-empty list of layers",
                          "layers:\n  - Dense: {units: 10}")
-    out = []
+    out, names = [], set()
     for i, item in enumerate(layers):
         path = f"layers[{i}]"
         if not isinstance(item, dict) or len(item) != 1:
@@ -271,6 +314,10 @@ def _check_layers(spec, data) -> tuple[LayerSpec, ...]:
         _check_arguments(spec, path, class_name, config)
         if "W" in config:
             _check_expression(spec, f"{path}.W", config["W"])
+        name = config.get("name", _layer_name(class_name, i))
+        if name in names:
+            raise spec.error(f"{path}.name", f"a second layer named '{name}'", "layer names must be unique")
+        names.add(name)
         out.append(LayerSpec(str(class_name), dict(config), path))
     return tuple(out)
 
@@ -317,14 +364,12 @@ def build(spec, stage: int = 0) -> "keras.Model":
     with tying():
         inputs = x = keras.Input(spec.input_shape)
         for index, layer in enumerate(spec.layers):
-            made = _make_layer(spec, index, layer, stage)
+            made = None
             try:
+                made = _make_layer(spec, index, layer, stage)
                 x = made(x)
-            except DecompError as err:
-                raise _with_path(spec, f"{layer.path}.W" if "W" in layer.config else layer.path, err) from None
             except (ValueError, TypeError) as err:
-                raise spec.error(layer.path, f"does not fit its input of shape {tuple(x.shape)}: "
-                                             f"{_first_line(err)}") from None
+                raise _layer_error(spec, layer, err, None if made is None else tuple(x.shape)) from None
         model = keras.Model(inputs, x, name=spec.name)
     model.keras_decomp_spec = spec
     return model
@@ -345,21 +390,33 @@ def _make_layer(spec: Spec, index: int, layer: LayerSpec, stage: int = 0):
         cls, module = f"keras_decomp>{layer.class_name}", "keras_decomp.layers"
     else:
         cls, module = layer.class_name, "keras.layers"
-    # Names by position, not Keras's process-wide counters: unique and the same in every build.
-    config.setdefault("name", f"{_snake(layer.class_name)}_{index}")
-    try:
-        return keras.layers.deserialize({"module": module, "class_name": layer.class_name,
-                                         "registered_name": cls if "W" in config else None,
-                                         "config": config})
-    except DecompError as err:
-        raise _with_path(spec, f"{layer.path}.W", err) from None
-    except (ValueError, TypeError) as err:
-        raise spec.error(layer.path, f"Keras could not make this layer: {_first_line(err)}") from None
+    config.setdefault("name", _layer_name(layer.class_name, index))
+    return keras.layers.deserialize({"module": module, "class_name": layer.class_name,
+                                     "registered_name": cls if "W" in config else None, "config": config})
 
 
-def _snake(class_name: str) -> str:
-    """``MaxPooling2D`` -> ``max_pooling2d``, as Keras names its layers."""
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", class_name).lower()
+def _layer_name(class_name: str, index: int) -> str:
+    """``MaxPooling2D``, 3 -> ``max_pooling2d_3``: Keras's snake case, numbered by position."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=.)(?=[A-Z][a-z])", "_", class_name).lower() + f"_{index}"
+
+
+def _layer_error(spec: Spec, layer: LayerSpec, err: Exception, shape) -> SpecError:
+    """The error of making a layer (``shape`` None) or of calling it on an input of ``shape``,
+    placed at the argument it names, else at W for an expression's, else at the layer."""
+    # Keras wraps the error that says what is wrong; ours are already located: take the first.
+    while not isinstance(err, DecompError) and (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    ours = isinstance(err, DecompError)
+    fact = err.fact if ours else _first_line(err)
+    culprit = [] if ours and err.text else [  # an expression's error (it has a caret) is W's
+        k for k in layer.config if k not in ("W", "name") and re.search(rf"\b{re.escape(str(k))}\b", fact)]
+    path = f"{layer.path}.{culprit[0]}" if culprit else f"{layer.path}.W" if ours else layer.path
+    if ours:
+        return _with_path(spec, path, err)
+    if shape is None:
+        return spec.error(path, f"Keras could not make this layer: {fact}")
+    return spec.error(path, f"does not fit its input of shape {shape}: {fact}",
+                      "check input.shape and the layers before this one (Flatten, Reshape)")
 
 
 def _with_path(spec: Spec, path: str, err: DecompError) -> SpecError:
