@@ -31,6 +31,11 @@ class FixedLeaf(Node):
     def array_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"": self.shape}
 
+    def stores_matrix(self) -> bool:
+        """Whether the leaf's one array is its matrix itself (G, S, DCT, DCT2, H, files), so
+        that a column slice of the matrix is a column slice of the array."""
+        return self.array_shapes() == {"": self.shape}
+
     def arrays(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         raise NotImplementedError
 

@@ -25,6 +25,8 @@ import numpy as np
 from keras import ops
 
 from .errors import DecompError
+from .fixed import FixedLeaf
+from .ir import Slice
 from .parse import parse, parse_syntax
 
 MODES = ("auto", "apply", "materialize")
@@ -64,6 +66,21 @@ class _Fixed:
         self.arrays = arrays
 
 
+class _Ops:
+    """``keras.ops`` as the IR's array namespace, with ``eye`` in the layer's compute
+    dtype: I, D, P and diag are built from ``xp.eye(n)``, which ``keras.ops`` makes
+    float32 even under ``mixed_float16`` (numpy's float64 default is right for to_dense)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def eye(self, *args, dtype=None, **kwargs):
+        return ops.eye(*args, dtype=dtype or self.dtype, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(ops, name)
+
+
 class _Decomposed(keras.layers.Layer):
     """What Dense and Conv2D share: the expression, its variables, its apply."""
 
@@ -89,9 +106,13 @@ class _Decomposed(keras.layers.Layer):
         self.fixed = dict(fixed or {})
         self.node = None
 
+    def _symbols(self) -> dict:
+        """Symbols the layer binds for its expression (the user's params win)."""
+        return {}
+
     def _decompose(self, n: int, m: int):
         try:
-            return parse(self.W, n, m, params=self.params, seed=self.seed,
+            return parse(self.W, n, m, params={**self._symbols(), **self.params}, seed=self.seed,
                          fixed=_declarations(self.fixed)).stages[self.stage]
         except DecompError as err:
             raise _in_layer(err, self) from None
@@ -123,10 +144,18 @@ class _Decomposed(keras.layers.Layer):
             self.decomposition_variables[key] = variable
             if tied:
                 self.tied_variables[key] = variable
-        dtype = self.fixed_dtype or self.variable_dtype
-        self._fixed = _Fixed({key: keras.Variable(np.asarray(a, dtype=_np_dtype(a, dtype)),
-                                                  trainable=False, name=key.replace(".", "_"))
-                              for key, a in self.node.fixed_arrays().items()})
+        self._fixed = _Fixed({key: self._fixed_variable(key, a) for key, a in _fixed_arrays(self.node).items()})
+
+    def _fixed_variable(self, key: str, array: np.ndarray):
+        """A fixed array, stored as ``fixed_dtype`` if given, else cast once here to the
+        compute dtype (the values ``_values`` would otherwise cast to at every step)."""
+        if np.issubdtype(array.dtype, np.integer):
+            value = array
+        elif self.fixed_dtype:
+            value = np.asarray(array, dtype=self.fixed_dtype)
+        else:
+            value = ops.cast(np.asarray(array, dtype=self.variable_dtype), self.compute_dtype)
+        return keras.Variable(value, dtype=value.dtype, trainable=False, name=key.replace(".", "_"))
 
     def _values(self) -> dict:
         dtype = self.compute_dtype
@@ -137,18 +166,18 @@ class _Decomposed(keras.layers.Layer):
 
     def materialize(self):
         """The dense kernel matrix W, shape (n, m), as a tensor."""
-        return self.node.materialize(self._values(), ops)
+        return self.node.materialize(self._values(), _Ops(self.compute_dtype))
 
     def _matrix_apply(self, x2d, batch: int):
         """x2d @ W for a 2-D input, by the forced or the cheaper mode."""
-        v = self._values()
+        v, xp = self._values(), _Ops(self.compute_dtype)
         mode = self.mode
         if mode == "auto":
             cheaper = self.node.flops(batch, "apply") < self.node.flops(batch, "materialize")
             mode = "apply" if cheaper else "materialize"
         if mode == "apply":
-            return self.node.apply(x2d, v, ops)
-        return ops.matmul(x2d, self.node.materialize(v, ops))
+            return self.node.apply(x2d, v, xp)
+        return ops.matmul(x2d, self.node.materialize(v, xp))
 
     def _decomposition_config(self) -> dict:
         return {"W": self.W, "params": self.params, "seed": self.seed, "mode": self.mode,
@@ -166,8 +195,15 @@ def _declarations(fixed: dict) -> dict:
     return out
 
 
-def _np_dtype(array, dtype):
-    return array.dtype if np.issubdtype(array.dtype, np.integer) else dtype
+def _fixed_arrays(node) -> dict:
+    """The node's fixed arrays plus the column slices of fixed matrices (``DCT2[:k]``), cut
+    once here so that a step reads the (n, k) slice instead of copying it out of (n, n)."""
+    arrays = node.fixed_arrays()
+    for sub in node.walk():
+        leaf = getattr(sub, "child", None)
+        if isinstance(sub, Slice) and isinstance(leaf, FixedLeaf) and leaf.stores_matrix() and leaf.key in arrays:
+            arrays[sub.fixed_key] = np.ascontiguousarray(arrays[leaf.key][:, sub.start:sub.stop])
+    return arrays
 
 
 def _in_layer(err: DecompError, layer) -> DecompError:
@@ -238,7 +274,9 @@ class Conv2D(_Decomposed):
     (rows in (kh, kw, cin) order), is the expression ``W``.
 
     In apply mode a product ``A B ...`` runs as a convolution with A's kernel
-    followed by 1x1 products with the rest (channels only).
+    followed by 1x1 products with the rest (channels only).  The layer binds the
+    symbol ``spatial`` to kh*kw, so ``sketch(...)`` sketches the channel modes only
+    (SK-CONV).
     """
 
     def __init__(self, filters, kernel_size, W="dense", strides=(1, 1), padding="valid",
@@ -269,6 +307,10 @@ class Conv2D(_Decomposed):
             raise DecompError(f"layer '{self.name}': the number of input channels must be known")
         return int(cin)
 
+    def _symbols(self) -> dict:
+        # ``spatial`` = kh*kw tells sketch(...) which rows are kernel positions (SK-CONV)
+        return {"spatial": self.kernel_size[0] * self.kernel_size[1]}
+
     def build(self, input_shape):
         self.cin = self._channels(input_shape)
         kh, kw = self.kernel_size
@@ -289,13 +331,13 @@ class Conv2D(_Decomposed):
         if channels_first:
             y = ops.transpose(y, (0, 2, 3, 1))
         shape = ops.shape(y)
-        flat = node.best_apply(ops.reshape(y, (-1, node.shape[0])), v, ops, batch)
+        flat = node.best_apply(ops.reshape(y, (-1, node.shape[0])), v, _Ops(self.compute_dtype), batch)
         y = ops.reshape(flat, (shape[0], shape[1], shape[2], node.shape[1]))
         return ops.transpose(y, (0, 3, 1, 2)) if channels_first else y
 
     def call(self, inputs):
         x = ops.cast(inputs, self.compute_dtype)
-        v = self._values()
+        v, xp = self._values(), _Ops(self.compute_dtype)
         node = self.node
         positions = _positions(self.compute_output_shape(inputs.shape), self.data_format)
         mode = self.mode
@@ -305,12 +347,12 @@ class Conv2D(_Decomposed):
             mode = "apply" if cheaper else "materialize"
         if mode == "apply" and factors:
             first = factors[0]
-            y = self._conv(x, first.materialize(v, ops), first.shape[1])
+            y = self._conv(x, first.materialize(v, xp), first.shape[1])
             from .ir import Product
             rest = factors[1] if len(factors) == 2 else Product((first.shape[1], node.shape[1]), factors=factors[1:])
             y = self._channel_apply(y, rest, v, positions)
         else:
-            y = self._conv(x, node.materialize(v, ops), self.filters)
+            y = self._conv(x, node.materialize(v, xp), self.filters)
         if self.bias is not None:
             bias_shape = (1, 1, 1, -1) if self.data_format == "channels_last" else (1, -1, 1, 1)
             y = y + ops.reshape(self.bias, bias_shape)

@@ -1,0 +1,1 @@
+from . import sketch  # noqa: F401 - registers sketch(k=, l=)

@@ -1,0 +1,445 @@
+"""Tests of keras_decomp.layers: one shared harness over the rows of tests/layer_cases.py for
+Dense and Conv2D (output against the dense kernel in every mode, gradients, counts, config,
+saving, a fit step), then weight tying, errors, mixed precision and the second backend.
+
+The harness compares each layer with a plain ``keras.layers.Dense``/``Conv2D`` holding the
+dense kernel that the numpy IR computes from the layer's own variables (``node.to_dense``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_decomp import DecompError, layers
+from layer_cases import BY_ID, EXPENSIVE
+
+BACKEND = keras.backend.backend()
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("dense", "conv")
+MODES = ("apply", "materialize", "auto")
+IMAGE = (5, 5)
+BATCH = 3
+TOL = 1e-5  # float32, relative to the largest output
+
+pytestmark = pytest.mark.filterwarnings(  # raised inside Keras when it saves a variable
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+
+def rows(*names):
+    """(case, layer kind) parameters for the named rows of the case table, both kinds."""
+    return [pytest.param(BY_ID[name], kind, id=f"{name}-{kind}") for name in names for kind in KINDS]
+
+
+ALL = rows(*BY_ID)
+FEW = rows(*EXPENSIVE)
+
+
+# ---- the harness -----------------------------------------------------------------------------
+
+def make(case, kind, mode="auto", **kwargs):
+    """The layer for ``case``, not built."""
+    common = dict(W=case.W, params=case.params, seed=7, mode=mode, **kwargs)
+    if kind == "dense":
+        return layers.Dense(case.m, **common)
+    return layers.Conv2D(case.m, case.kernel, **common)
+
+
+def input_shape(case, kind) -> tuple[int, ...]:
+    return (case.n,) if kind == "dense" else IMAGE + (case.channels,)
+
+
+def sample(case, kind, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(BATCH,) + input_shape(case, kind)).astype("float32")
+
+
+def built(case, kind, mode="auto", **kwargs):
+    """The layer, built, with a non-zero bias so that the reference checks it too."""
+    layer = make(case, kind, mode, **kwargs)
+    layer.build((None,) + input_shape(case, kind))
+    if layer.bias is not None:
+        layer.bias.assign(np.linspace(-1.0, 1.0, case.m).astype("float32"))
+    return layer
+
+
+def values(layer) -> dict[str, np.ndarray]:
+    """The layer's trainable arrays by IR key, in float64."""
+    return {key: np.asarray(v.numpy(), np.float64) for key, v in layer.decomposition_variables.items()}
+
+
+def reference(layer):
+    """A plain Keras layer holding the dense kernel that the numpy IR makes of the layer's values."""
+    kernel = layer.node.to_dense(values(layer))
+    if isinstance(layer, layers.Conv2D):
+        ref = keras.layers.Conv2D(layer.filters, layer.kernel_size, strides=layer.strides,
+                                  padding=layer.padding, data_format=layer.data_format,
+                                  dilation_rate=layer.dilation_rate, use_bias=layer.use_bias)
+        last = layer.data_format == "channels_last"
+        shape = (None, None, None, layer.cin) if last else (None, layer.cin, None, None)
+        kernel = kernel.reshape(layer.kernel_size + (layer.cin, layer.filters))
+    else:
+        ref = keras.layers.Dense(layer.units, use_bias=layer.use_bias)
+        shape = (None, kernel.shape[0])
+    ref.build(shape)
+    ref.set_weights([kernel.astype("float32")] + ([layer.bias.numpy()] if layer.use_bias else []))
+    return ref
+
+
+def assert_close(actual, expected, tol=TOL, msg=""):
+    actual, expected = (np.asarray(ops.convert_to_numpy(a), np.float64) for a in (actual, expected))
+    assert actual.shape == expected.shape, msg
+    scale = float(np.max(np.abs(expected))) or 1.0
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=tol * scale, err_msg=msg)
+
+
+def gradients(model, x, loss) -> list[np.ndarray | None]:
+    """d loss(model(x)) / d v for every v in ``model.trainable_variables`` (None: not connected)."""
+    variables = model.trainable_variables
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+        with tf.GradientTape() as tape:
+            value = loss(model(x))
+        return [None if g is None else tf.convert_to_tensor(g).numpy() for g in tape.gradient(value, variables)]
+    if BACKEND == "jax":
+        # jax.grad gives zeros, never None, for an unused input: callers also check for zeros
+        import jax
+
+        fixed = [v.value for v in model.non_trainable_variables]
+
+        def f(trainable):
+            y, _ = model.stateless_call(trainable, fixed, x)
+            return loss(y)
+
+        return [np.asarray(g) for g in jax.jit(jax.grad(f))([v.value for v in variables])]
+    raise NotImplementedError(f"no gradient helper for the {BACKEND} backend")
+
+
+def output_weights(shape, seed=1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=tuple(shape)).astype("float32")
+
+
+def weighted_sum(y):
+    """A loss that weighs every output differently, so no gradient vanishes by symmetry."""
+    return ops.sum(ops.cast(y, "float32") * output_weights(y.shape))
+
+
+def directional_derivative(f, theta, key, direction, eps=1e-3):
+    """d/dt f(theta with theta[key] + t * direction) at t=0, by central differences (float64)."""
+    def at(t):
+        return f({**theta, key: theta[key] + t * direction})
+    return (at(eps) - at(-eps)) / (2 * eps)
+
+
+def stored_numbers(path) -> int:
+    """How many numbers a .keras file's weights hold."""
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read("model.weights.h5")
+    sizes = []
+    with h5py.File(io.BytesIO(data), "r") as f:
+        f.visititems(lambda name, obj: sizes.append(obj.size) if isinstance(obj, h5py.Dataset) else None)
+    return int(sum(sizes))
+
+
+def model_of(layer, case, kind):
+    return keras.Sequential([keras.Input(input_shape(case, kind)), layer])
+
+
+# ---- the checks, per row and layer kind -------------------------------------------------------
+
+@pytest.mark.parametrize("case, kind", ALL)
+def test_output_equals_dense_kernel_in_every_mode(case, kind):
+    x = sample(case, kind)
+    expected = None
+    for mode in MODES:  # same seed, same initial values: one reference serves all modes
+        layer = built(case, kind, mode)
+        if expected is None:
+            expected = reference(layer)(x)
+            assert_close(layer.materialize(), layer.node.to_dense(values(layer)), msg="materialize()")
+        y = layer(x)
+        assert tuple(y.shape) == tuple(layer.compute_output_shape(x.shape))
+        assert_close(y, expected, msg=f"mode={mode}")
+
+
+@pytest.mark.parametrize("case, kind", ALL)
+def test_every_variable_gets_the_right_gradient(case, kind):
+    x = sample(case, kind)
+    for mode in ("apply", "materialize"):
+        layer = built(case, kind, mode)
+        grads = dict(zip(map(id, layer.trainable_variables), gradients(layer, x, weighted_sum)))
+        for v in layer.trainable_variables:
+            g = grads[id(v)]
+            assert g is not None and np.any(g != 0), f"mode={mode}: no gradient reaches {v.path}"
+        # The loss is linear in the kernel, loss = <W(theta), K> + const: K from the plain layer.
+        ref = reference(layer)
+        ref_grads = gradients(ref, x, weighted_sum)
+        k = ref_grads[0].reshape(case.n, case.m).astype(np.float64)
+        theta = values(layer)
+        rng = np.random.default_rng(2)
+        for key, v in layer.decomposition_variables.items():
+            direction = rng.normal(size=theta[key].shape)
+            expected = directional_derivative(lambda t: np.sum(layer.node.to_dense(t) * k), theta, key, direction)
+            actual = float(np.sum(grads[id(v)] * direction))
+            scale = float(np.sum(np.abs(grads[id(v)] * direction))) or 1.0
+            assert abs(actual - expected) <= 1e-4 * scale, f"mode={mode}, {key}: {actual} != {expected}"
+        if layer.bias is not None:
+            assert_close(grads[id(layer.bias)], ref_grads[1], msg=f"mode={mode}: bias")
+
+
+@pytest.mark.parametrize("case, kind", ALL)
+def test_count_params_is_the_ir_count_plus_bias(case, kind):
+    layer = built(case, kind)
+    assert layer.count_params() == layer.node.num_params + case.m
+    assert len(layer.trainable_variables) == len(layer.node.param_shapes()) + 1
+    assert not layer.non_trainable_variables  # fixed arrays are not Keras weights
+
+
+@pytest.mark.parametrize("case, kind", ALL)
+def test_config_round_trip(case, kind):
+    layer = built(case, kind)
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    clone.build((None,) + input_shape(case, kind))
+    clone.set_weights(layer.get_weights())
+    assert clone.get_config() == config
+    x = sample(case, kind)
+    np.testing.assert_array_equal(ops.convert_to_numpy(clone(x)), ops.convert_to_numpy(layer(x)))
+
+
+@pytest.mark.parametrize("case, kind", ALL)
+def test_save_load_keeps_outputs_and_stores_only_trainable_values(case, kind, tmp_path):
+    layer = built(case, kind)
+    model = model_of(layer, case, kind)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = sample(case, kind)
+    np.testing.assert_array_equal(ops.convert_to_numpy(loaded(x)), ops.convert_to_numpy(model(x)))
+    assert loaded.layers[0].get_config() == layer.get_config()
+    assert stored_numbers(path) == layer.count_params()
+    assert path.stat().st_size < 4 * layer.count_params() + 40_000
+
+
+@pytest.mark.parametrize("case, kind", FEW)
+def test_one_fit_step_lowers_the_loss(case, kind):
+    # Conv2D in apply mode: its factored path (a convolution, then products on the channels)
+    # has the most shape logic to trace; Dense lets the cost model choose.
+    model = model_of(make(case, kind, "apply" if kind == "conv" else "auto"), case, kind)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-3), loss="mse")
+    x = sample(case, kind)
+    y = np.random.default_rng(3).normal(size=(BATCH,) + model.output_shape[1:]).astype("float32")
+    # one batch per epoch: the second epoch's loss is the loss after the first step
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    first, second = history.history["loss"]
+    assert second < first
+
+
+@pytest.mark.parametrize("case, kind", rows("lowrank"))
+def test_activation_and_no_bias(case, kind):
+    layer = built(case, kind, activation="relu", use_bias=False)
+    assert layer.count_params() == layer.node.num_params
+    x = sample(case, kind)
+    assert_close(layer(x), ops.relu(reference(layer)(x)))
+
+
+@pytest.mark.parametrize("case", [BY_ID[name] for name in ("dense", "product_of_sums", "kron")],
+                         ids=lambda case: case.id)
+def test_dense_applies_to_the_last_axis(case):
+    layer = built(case, "dense", "apply")
+    x = np.random.default_rng(0).normal(size=(2, 3, case.n)).astype("float32")
+    assert_close(layer(x), reference(layer)(x))
+
+
+@pytest.mark.parametrize("mode", ("apply", "materialize"))
+@pytest.mark.parametrize("options", [dict(strides=2), dict(padding="same"), dict(dilation_rate=2),
+                                     dict(strides=(2, 1), padding="same"),
+                                     dict(data_format="channels_first")],
+                         ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()))
+def test_conv_options_match_keras(options, mode):
+    case = BY_ID["product_at"]  # a product: apply mode convolves with its first factor only
+    layer = make(case, "conv", mode, **options)
+    x = sample(case, "conv")
+    if options.get("data_format") == "channels_first":
+        x = np.transpose(x, (0, 3, 1, 2))
+    y = layer(x)
+    assert_close(y, reference(layer)(x))
+
+
+def test_fixed_arrays_are_regenerated_not_saved(tmp_path):
+    layer = layers.Dense(1024, W="sum(G, n=100)")
+    model = keras.Sequential([keras.Input((784,)), layer])
+    assert layer.node.num_fixed == 100 * 784 * 1024  # 80 million fixed numbers
+    path = tmp_path / "model.keras"
+    model.save(path)
+    assert stored_numbers(path) == layer.count_params() == 100 + 1024
+    assert path.stat().st_size < 4 * layer.count_params() + 40_000
+
+
+# ---- weight tying -----------------------------------------------------------------------------
+
+def tied_pair():
+    """Two layers sharing g1; Sequential builds them inside the scope."""
+    with layers.tying():
+        a, b = layers.Dense(8, W="g0 g1", name="a"), layers.Dense(8, W="g1 g2", name="b")
+        model = keras.Sequential([keras.Input((8,)), a, b])
+    return model, a, b
+
+
+def test_tied_parameter_is_one_variable():
+    model, a, b = tied_pair()
+    assert a.tied_variables["g1"] is b.tied_variables["g1"]
+    paths = [v.path for v in model.trainable_variables]
+    assert len(paths) == 5, paths  # g0, g1, g2 and two biases
+    assert model.count_params() == 3 * 8 * 8 + 2 * 8
+
+
+def test_tied_parameter_gets_gradient_from_both_layers():
+    model, a, b = tied_pair()
+    x = np.random.default_rng(0).normal(size=(BATCH, 8)).astype("float32")
+    g1 = a.tied_variables["g1"]
+    grads = dict(zip(map(id, model.trainable_variables), gradients(model, x, weighted_sum)))
+    r = output_weights((BATCH, 8))
+    theta = {**values(a), **values(b)}
+    bias_a, bias_b = a.bias.numpy(), b.bias.numpy()
+
+    def loss(t):
+        hidden = x @ a.node.to_dense(t) + bias_a
+        return np.sum(r * (hidden @ b.node.to_dense(t) + bias_b))
+
+    direction = np.random.default_rng(2).normal(size=(8, 8))
+    expected = directional_derivative(loss, theta, "g1", direction)
+    actual = float(np.sum(grads[id(g1)] * direction))
+    assert abs(actual - expected) <= 1e-4 * float(np.sum(np.abs(grads[id(g1)] * direction)))
+
+
+def test_untied_outside_the_scope():
+    a, b = layers.Dense(8, W="g0 g1"), layers.Dense(8, W="g1 g2")
+    model = keras.Sequential([keras.Input((8,)), a, b])
+    assert a.decomposition_variables["g1"] is not b.decomposition_variables["g1"]
+    assert len(model.trainable_variables) == 6
+
+
+def test_tied_shapes_must_agree():
+    with layers.tying():
+        layers.Dense(8, W="g0 g1", name="a").build((None, 8))
+        with pytest.raises(DecompError, match=r"layer 'b': the tied parameter 'g1' has shape \(8, 8\) "
+                                              r"in another layer but \(8, 4\) here"):
+            layers.Dense(4, W="g1", name="b").build((None, 8))
+
+
+def test_load_model_keeps_parameters_tied(tmp_path):
+    model, a, b = tied_pair()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    x = np.random.default_rng(0).normal(size=(BATCH, 8)).astype("float32")
+    model.fit(x, x, epochs=1, verbose=0)
+    path = tmp_path / "tied.keras"
+    model.save(path)
+
+    loaded = layers.load_model(path)
+    la, lb = loaded.layers
+    assert la.tied_variables["g1"] is lb.tied_variables["g1"]
+    assert len(loaded.trainable_variables) == len(model.trainable_variables)
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+    np.testing.assert_array_equal(ops.convert_to_numpy(loaded(x)), ops.convert_to_numpy(model(x)))
+
+    with pytest.warns(UserWarning, match=r"layer 'a' was saved with parameters tied to other layers, "
+                                         r"but is built outside keras_decomp.layers.tying\(\)"):
+        untied = keras.saving.load_model(path)
+    assert len(untied.trainable_variables) == len(model.trainable_variables) + 1
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make_layer, match", [
+    (lambda: layers.Dense(4, W="dense +", name="enc"), r"layer 'enc': the expression ends too early"),
+    (lambda: layers.Conv2D(4, 3, W="dense dense )", name="c"), r"layer 'c': unexpected '\)'"),
+    (lambda: layers.Dense(4, W=3, name="enc"), r"layer 'enc': W must be an expression string, got int"),
+    (lambda: layers.Dense(4, W="dense", stage=1, name="enc"), r"layer 'enc': stage 1 does not exist"),
+    (lambda: layers.Dense(4, mode="fast", name="enc"), r"layer 'enc': mode must be one of \('auto'"),
+    (lambda: layers.Conv2D(4, 3, mode="folded", name="c"), r"layer 'c': mode must be one of"),
+    (lambda: layers.Dense(0, name="enc"), r"layer 'enc': units must be a positive integer, got 0"),
+    (lambda: layers.Dense("4", name="enc"), r"units must be a positive integer, got '4'"),
+    (lambda: layers.Dense(True, name="enc"), r"units must be a positive integer, got True"),
+    (lambda: layers.Conv2D(-1, 3, name="c"), r"layer 'c': filters must be a positive integer, got -1"),
+    (lambda: layers.Conv2D(4, (3,), name="c"), r"layer 'c': kernel_size must be a positive int or a pair"),
+    (lambda: layers.Conv2D(4, 0, name="c"), r"kernel_size must be a positive int or a pair"),
+    (lambda: layers.Conv2D(4, 3, strides=(1, 0), name="c"), r"strides must be a positive int or a pair"),
+    (lambda: layers.Conv2D(4, 3, padding="full", name="c"), r"padding must be 'valid' or 'same', got 'full'"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_arguments_fail_at_construction(make_layer, match):
+    with pytest.raises(DecompError, match=match):
+        make_layer()
+
+
+@pytest.mark.parametrize("layer, shape, match", [
+    (lambda: layers.Dense(8, W="DCT[:20]", name="enc"), (None, 12),
+     r"layer 'enc': the slice \[0:20\] does not fit 12 columns\n  DCT\[:20\]\n       \^"),
+    (lambda: layers.Conv2D(8, 2, W="DCT2(h=3, w=3) dense", name="c"), (None, 5, 5, 3),
+     r"layer 'c': this factor has 9 rows, but 12 are needed here"),
+    (lambda: layers.Dense(8, W="DCT[:k] dense", name="enc"), (None, 12),
+     r"layer 'enc': the symbol 'k' in a slice bound is not bound"),
+    (lambda: layers.Dense(8, W="H dense", name="enc"), (None, 12), r"layer 'enc': H needs a power-of-2 size"),
+    (lambda: layers.Dense(8, W="DTC dense", name="enc"), (None, 12),
+     r"layer 'enc': unknown name 'DTC'(.|\n)*did you mean DCT\?"),
+    (lambda: layers.Dense(8, name="enc"), (None, None), r"layer 'enc': the last input dimension must be known"),
+], ids=["slice", "conv-shape", "unbound", "hadamard", "near-miss", "unknown-n"])
+def test_shape_errors_fail_at_build_naming_the_layer(layer, shape, match):
+    layer = layer()  # constructing is fine: the shapes are not known yet
+    with pytest.raises(DecompError, match=match):
+        layer.build(shape)
+
+
+# ---- mixed precision --------------------------------------------------------------------------
+
+@pytest.fixture
+def mixed_float16():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy(previous)
+
+
+# the eye-based nodes (diag, D, P, I) once built float32 kernels under mixed_float16
+MIXED = rows("diag", "named_tri", "sum_D", "sum_P_slice", "identity", "kron")
+
+
+@pytest.mark.parametrize("case, kind", MIXED)
+def test_mixed_float16_keeps_float32_variables(case, kind, mixed_float16):
+    x = sample(case, kind)
+    for mode in ("apply", "materialize"):
+        layer = built(case, kind, mode)
+        assert layer.compute_dtype == "float16"
+        assert {v.dtype for v in layer.weights} == {"float32"}
+        y = layer(x)
+        assert keras.backend.standardize_dtype(y.dtype) == "float16", mode
+        twin = make(case, kind, mode, dtype="float32")
+        twin.build(x.shape)
+        twin.set_weights(layer.get_weights())
+        assert keras.backend.standardize_dtype(twin(x).dtype) == "float32"
+        assert_close(y, twin(x), tol=1e-2)
+    for v, g in zip(layer.trainable_variables, gradients(layer, x, weighted_sum)):
+        assert g is not None and g.dtype == np.float32 and np.any(g != 0), v.path
+
+
+# ---- the other backend ------------------------------------------------------------------------
+
+OTHER = {"tensorflow": "jax", "jax": "tensorflow"}[BACKEND]
+
+
+def test_layers_on_the_other_backend_in_a_subprocess():
+    """Keras fixes its backend at import: run this file again, under the other one."""
+    env = {**os.environ, "KERAS_BACKEND": OTHER}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/test_layers.py", "-k", "not subprocess"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"under KERAS_BACKEND={OTHER}:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    assert " passed" in result.stdout.splitlines()[-1]
