@@ -31,6 +31,8 @@ _LAZY = {
     "summarize": "report",
     "fit_staged": "staging",
     "decompose": "compress",
+    "prune": "prune",
+    "strip": "prune",
 }
 
 __all__ = ["DecompError", "approximate", "export", "parse", *_LAZY]

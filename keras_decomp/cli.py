@@ -2,8 +2,10 @@
 
     keras-decomp parse "W = sum(G, n=8) | dense" --in 784 --out 10 [--param k=100] [--seed 0]
     keras-decomp train SPEC.yaml [--data full|bundled|auto] [--epochs N] [--out DIR] [--resume]
+                       [--distribute mirrored|multi-worker]
     keras-decomp export MODEL.keras --tflite OUT.tflite [--mode auto] [--quantize dynamic]
     keras-decomp compress MODEL.keras --layer NAME="EXPR" [--layer ...] --out NEW.keras [--data bundled]
+    keras-decomp prune MODEL.keras --sparsity 0.9 [--method trifactor] [--fine-tune-epochs N] --out NEW.keras
 
 Errors in what the user wrote print as the DecompError message and exit 2.
 """
@@ -11,6 +13,7 @@ Errors in what the user wrote print as the DecompError message and exit 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import DecompError
@@ -45,14 +48,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None, help="override the spec's epochs")
     t.add_argument("--out", default=None, help="folder for model.keras and report.json (default runs/<spec name>)")
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--distribute", choices=("mirrored", "multi-worker"), default=None,
+                   help="mirrored: all devices of this machine; multi-worker: the machines in TF_CONFIG, "
+                        "each running this same command (see docs/distributed.md)")
     e = commands.add_parser("export", help="export a saved model to TFLite and/or SavedModel, checked")
     e.add_argument("model", help="a .keras file")
     e.add_argument("--tflite", help="write this .tflite file")
     e.add_argument("--saved-model", dest="saved_model", help="write this SavedModel folder")
-    e.add_argument("--mode", choices=("folded", "factored", "auto"), default="auto")
-    e.add_argument("--quantize", choices=("dynamic", "int8"), default=None)
+    e.add_argument("--mode", choices=("folded", "factored", "auto"), default="auto",
+                   help="per decomposed layer: W as one constant (folded), the factors kept (factored), "
+                        "or whichever stores fewer bytes (auto, the default)")
+    e.add_argument("--quantize", choices=("dynamic", "int8"), default=None,
+                   help="TFLite only: int8 weights (dynamic), or int8 weights and activations (int8, needs --data)")
     e.add_argument("--data", choices=("auto", "bundled", "full"), default=None,
-                   help="compare on 500 test images of this data (default: random inputs)")
+                   help="compare on 500 test images of this data and report both accuracies; int8 calibrates "
+                        "on 300 of its training images (default: 32 random inputs)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     c = commands.add_parser("compress", help="decompose layers of a trained .keras model, initialised from "
                                              "their kernels; print a before/after table")
@@ -66,6 +76,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--param", action="append", type=_param, default=[], metavar="NAME=VALUE",
                    help="bind a symbol of the expressions, e.g. --param k=100 (repeatable)")
     c.add_argument("--seed", type=int, default=0, help="seed of the expressions' random bases")
+    r = commands.add_parser("prune", help="prune the Dense kernels of a trained .keras model with masks, "
+                                          "fine-tune, save")
+    r.add_argument("model", help="a trained model with Dense layers")
+    r.add_argument("--sparsity", type=float, default=0.9, help="fraction of each kernel to prune (default 0.9)")
+    r.add_argument("--method", choices=("trifactor", "magnitude"), default="trifactor")
+    r.add_argument("--criterion", choices=("approximation", "paper"), default="approximation",
+                   help="trifactor: prune the smallest |w_hat| (approximation) or where |w| - |w_hat| is lowest")
+    r.add_argument("--ranks", type=float, default=None,
+                   help="rank of each layer of neurons: a number, or a fraction of its width (default 0.25)")
+    r.add_argument("--fine-tune-epochs", type=int, default=0, help="epochs of fine-tuning with the masks held")
+    r.add_argument("--data", choices=("auto", "full", "bundled", "tfds", "idx", "none"), default="auto",
+                   help="data for fine-tuning and test accuracy; none: neither")
+    r.add_argument("--dataset", default="fashion_mnist")
+    r.add_argument("--strip", action="store_true", help="save plain Dense layers (no masks, for export)")
+    r.add_argument("--out", required=True, help="where to write the pruned model (a .keras file)")
     return parser
 
 
@@ -88,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "compress":
             return _compress(args)
+        if args.command == "prune":
+            return _prune(args)
     except DecompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -106,14 +133,20 @@ def _parse(args) -> int:
 
 
 def _train(args) -> int:
+    from .distribute import make
     from .report import format_table
     from .specs import load_spec
     from .staging import fit_staged
 
+    dist = make(args.distribute)  # before any other TensorFlow work (multi-worker needs that)
     spec = load_spec(args.spec)
     out = args.out or f"runs/{spec.name}"
     report = fit_staged(spec, source=args.data, out=out, resume=args.resume, epochs=args.epochs,
-                        verbose=0 if args.quiet else 2)
+                        verbose=0 if args.quiet else 2, distribute=dist)
+    if not dist.is_chief:
+        print(f"test accuracy {report['test_accuracy']:.4f}; this worker is done, the chief writes "
+              f"{out}/model.keras and {out}/report.json")
+        return 0
     print(format_table(report["layers"]))
     for stage in report["stages"][1:]:
         errors = ", ".join(f"{k} {v:.2e}" for k, v in stage["handover_error"].items())
@@ -129,7 +162,8 @@ def _train(args) -> int:
 
 
 def _export_trained(spec, out, source) -> None:
-    """The spec's export section, checked on 500 test images."""
+    """The spec's export section, checked on 500 test images (int8 calibrated on 300
+    training images); the reports go to the screen and into report.json."""
     import json
 
     from .export import export_from_spec, format_report
@@ -138,38 +172,48 @@ def _export_trained(spec, out, source) -> None:
 
     model = load_model(f"{out}/model.keras")
     data = load_data(spec, source)
-    sample = data.x_test[:500].astype("float32") / 255.0
+    sample, labels = data.x_test[:500].astype("float32") / 255.0, data.y_test[:500]
     train = data.x_train[:300].astype("float32") / 255.0
-    reports = export_from_spec(model, spec.export, out, sample=sample, representative_data=train)
-    for report in reports.values():
-        print(format_report(report))
+    reports = export_from_spec(model, spec.export, out, sample=sample, labels=labels, representative_data=train)
     path = f"{out}/report.json"
     with open(path) as f:
         full = json.load(f)
     full["export"] = reports
-    with open(path, "w") as f:
+    tmp = f"{out}/report.tmp.json"
+    with open(tmp, "w") as f:
         json.dump(full, f, indent=2)
+    os.replace(tmp, path)
+    print(f"\nexport ({', '.join(reports)}; also in {path}):")
+    for report in reports.values():
+        print(format_report(report))
 
 
 def _export(args) -> int:
     from .export import export, format_report
     from .layers import load_model
 
-    model = load_model(args.model)
-    sample = None
-    if args.data:
-        from .data import load
-        data = load(source=args.data)
-        if tuple(model.input_shape[1:]) == data.input_shape:
-            sample = data.x_test[:500].astype("float32") / 255.0
     targets = [("tflite", args.tflite), ("saved_model", args.saved_model)]
     if not any(path for _, path in targets):
         raise DecompError("nothing to export to", hint="give --tflite OUT.tflite and/or --saved-model DIR")
+    if args.quantize == "int8" and not args.data:
+        raise DecompError("--quantize int8 needs --data: images to calibrate the activations on",
+                          hint="e.g. --data bundled, or --quantize dynamic")
+    model = load_model(args.model)
+    sample = labels = calibration = None
+    if args.data:
+        from .data import load
+        data = load(source=args.data)
+        if tuple(model.input_shape[1:]) != data.input_shape:
+            raise DecompError(f"--data {args.data}: the model takes inputs of shape {tuple(model.input_shape[1:])}, "
+                              f"the data set's images are {data.input_shape}",
+                              hint="leave out --data to compare on random inputs")
+        sample, labels = data.x_test[:500].astype("float32") / 255.0, data.y_test[:500]
+        calibration = data.x_train[:300].astype("float32") / 255.0
     for fmt, path in targets:
         if path:
             report = export(model, path, format=fmt, mode=args.mode,
-                            quantize=args.quantize if fmt == "tflite" else None, sample=sample,
-                            representative_data=sample)
+                            quantize=args.quantize if fmt == "tflite" else None, sample=sample, labels=labels,
+                            representative_data=calibration)
             print(format_report(report))
     return 0
 
@@ -208,6 +252,54 @@ def _compress(args) -> int:
     print(f"wrote {out}")
     return 0
 
+
+
+def _prune(args) -> int:
+    from pathlib import Path
+
+    from .compress import accuracy_on
+    from .layers import load_model
+    from .prune import mask_sparsity, prune, strip
+    from .training import compile_model
+
+    source, out = Path(args.model), Path(args.out)
+    if not source.is_file():
+        raise DecompError(f"{source}: no such model file")
+    if out.suffix != ".keras":
+        raise DecompError(f"--out {out}: the pruned model is saved as a .keras file",
+                          hint=f"e.g. --out {out.stem}.keras")
+    if args.fine_tune_epochs and args.data == "none":
+        raise DecompError("--fine-tune-epochs needs data", hint="drop --data none")
+    ranks = int(args.ranks) if args.ranks is not None and args.ranks.is_integer() else args.ranks
+    model = load_model(source)
+    pruned = prune(model, method=args.method, sparsity=args.sparsity, ranks=ranks, criterion=args.criterion)
+    if not pruned.compiled:
+        compile_model(pruned, {})
+    accuracies = []
+    if args.data != "none":
+        from .data import load
+
+        data = load(args.dataset, source=args.data)
+        for stage, candidate in (("before pruning", model), ("after pruning", pruned)):
+            accuracy, why = accuracy_on(candidate, data)
+            accuracies.append(f"{stage} {accuracy:.4f}" if accuracy is not None else f"not evaluated ({why})")
+        if args.fine_tune_epochs:
+            if tuple(pruned.input_shape[1:]) != data.input_shape:
+                raise DecompError(f"cannot fine-tune: the model takes inputs of shape {tuple(pruned.input_shape[1:])}, "
+                                  f"{data.name} images are {data.input_shape}")
+            train, _ = data.pipelines(batch_size=128)
+            pruned.fit(train, epochs=args.fine_tune_epochs, verbose=2)
+            tuned = accuracy_on(pruned, data)[0]
+            accuracies.append(f"after {args.fine_tune_epochs} epoch(s) of fine-tuning {tuned:.4f}")
+        print(f"data: {data.name}, {data.source}")
+    for name, sparsity in mask_sparsity(pruned).items():
+        print(f"{name}: sparsity {sparsity:.4f}")
+    if accuracies:
+        print("test accuracy: " + "; ".join(accuracies))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (strip(pruned) if args.strip else pruned).save(out)
+    print(f"wrote {out}" + (" (masks stripped)" if args.strip else " (with masks)"))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,27 +21,82 @@ import numpy as np
 
 from .errors import DecompError
 from .fixed import FixedLeaf
-from .ir import Add, Node, Product, Scale, Slice, Transpose
+from .ir import Add, Kron, Node, Product, Scale, Slice, Tile, Transpose
 from .structures.basic import SumOf
 
 MODES = ("folded", "factored", "auto")
 QUANTIZE = (None, "dynamic", "int8")
 
 
-def stored_entries(node: Node, forced: bool = True) -> int:
-    """Numbers a file keeps for ``node`` in apply form at batch 1, once the
-    converter has folded whatever depends on constants only."""
-    if not forced and node.flops(1, "materialize") <= node.flops(1, "apply"):
+def stored_entries(node: Node, forced: bool = True, batch: int = 1) -> int:
+    """Numbers a TFLite file keeps for ``node`` in apply form, once the converter
+    has folded every subgraph that depends on constants only.
+
+    Each sub-node below runs as ``best_apply`` picks for ``batch`` rows (a TFLite
+    file is traced at batch 1: one row for a Dense layer on vectors):
+    materialised, then folded into one dense constant of its shape, where that
+    costs no more FLOPs, else in its own apply form.  ``forced``: ``node``
+    itself runs in apply form (a layer forced to mode="apply").
+
+    >>> from keras_decomp import parse
+    >>> stored_entries(parse("lowrank(r=8)", 512, 512).stages[0])  # u and v, not W
+    8192
+    >>> stored_entries(parse("lowrank(r=8)'", 512, 512).stages[0])  # x W^T: W^T is folded
+    262144
+    """
+    def below(child):
+        return stored_entries(child, False, batch)
+
+    if not forced and node.flops(batch, "materialize") <= node.flops(batch, "apply"):
         return math.prod(node.shape)
-    if isinstance(node, (Product, Add)):
-        return sum(stored_entries(c, False) for c in node.children())
-    if isinstance(node, (Scale, Transpose, Slice)):
-        return stored_entries(node.children()[0], forced) + (1 if isinstance(node, Scale) else 0)
-    if isinstance(node, SumOf) and node.mode in ("linear", "shared"):
-        return sum(math.prod(s) for s in node.draws[0].array_shapes().values())
+    if isinstance(node, Transpose):  # no apply of its own: x @ transpose(materialize(child))
+        return math.prod(node.shape)
+    if isinstance(node, (Product, Add, Tile)):  # each child by its best_apply
+        return sum(below(c) for c in node.children())
+    if isinstance(node, (Scale, Slice)):
+        return below(node.children()[0]) + (1 if isinstance(node, Scale) else 0)
+    if isinstance(node, Kron):  # one einsum with both factors materialised
+        return math.prod(node.a.shape) + math.prod(node.b.shape)
+    if isinstance(node, SumOf):
+        if node.mode in ("linear", "shared"):  # sum_j c_j E_j folds into one draw's arrays
+            return sum(math.prod(s) for s in node.draws[0].array_shapes().values()) + (node.mode == "shared")
+        if node.mode is None:  # draw by draw, then one tensordot with c
+            return sum(below(d) for d in node.draws) + len(node.draws)
     if isinstance(node, FixedLeaf):
         return node.num_fixed
+    # dense, diag, lowrank, rank-1 sums and the structures with a module of their own
+    # (sss, sketch, sparse, tri): the apply form multiplies x by their own arrays
     return node.num_params + node.num_fixed
+
+
+def layer_entries(layer) -> int:
+    """Numbers a factored TFLite file keeps for a decomposed layer's kernel (not
+    its bias), traced at batch 1.
+
+    A Dense layer applies W to as many rows as its input has positions before
+    the last axis.  A Conv2D layer in apply mode convolves with the first factor
+    of a product (materialised as the conv kernel) and applies the rest to the
+    channels of every output pixel; any other kernel is materialised."""
+    from .layers import _positions
+
+    node = layer.node
+    if type(layer).__name__ != "Conv2D":
+        rows = math.prod(d or 1 for d in layer.input.shape[1:-1]) if _has_input(layer) else 1
+        return stored_entries(node, True, rows)
+    factors = getattr(node, "factors", None)
+    if not factors:
+        return math.prod(node.shape)
+    first = factors[0]
+    rest = factors[1] if len(factors) == 2 else Product((first.shape[1], node.shape[1]), factors=factors[1:])
+    positions = _positions(layer.compute_output_shape((1,) + tuple(layer.input.shape[1:])), layer.data_format)
+    return math.prod(first.shape) + stored_entries(rest, False, positions)
+
+
+def _has_input(layer) -> bool:
+    try:
+        return layer.input is not None
+    except (AttributeError, ValueError):  # a layer never called on a symbolic input
+        return False
 
 
 def choose_forms(model, mode: str) -> dict[str, str]:
@@ -58,7 +113,7 @@ def choose_forms(model, mode: str) -> dict[str, str]:
             forms[layer.name] = mode
             continue
         node = layer.node
-        folded, factored = math.prod(node.shape), stored_entries(node)
+        folded, factored = math.prod(node.shape), layer_entries(layer)
         if factored != folded:
             forms[layer.name] = "factored" if factored < folded else "folded"
         else:
@@ -86,13 +141,40 @@ def inference_model(model, forms: dict[str, str]):
         copy = keras.models.clone_model(model, clone_function=clone)
     for old, new in zip(model.layers, copy.layers):
         if isinstance(old, _Decomposed) and forms.get(old.name) == "folded":
-            kernel = keras.ops.convert_to_numpy(old.materialize()).reshape(new.kernel.shape)
-            new.kernel.assign(kernel)
+            new.kernel.assign(folded_kernel(old).reshape(new.kernel.shape))
             if old.bias is not None:
                 new.bias.assign(keras.ops.convert_to_numpy(old.bias))
         else:
             new.set_weights(old.get_weights())
+        if isinstance(new, _Decomposed):
+            _narrow_indices(new)
     return copy
+
+
+def _narrow_indices(layer) -> None:
+    """Integer fixed arrays (sparse supports, permutations) as int32: the file then
+    keeps 4 bytes per index instead of 8, like every other number in it."""
+    import keras
+
+    arrays = layer._fixed.arrays
+    for key, variable in arrays.items():
+        value = keras.ops.convert_to_numpy(variable)
+        if value.dtype == np.int64 and (value.size == 0 or np.abs(value).max() < 2 ** 31):
+            arrays[key] = keras.Variable(value.astype(np.int32), dtype="int32", trainable=False,
+                                         name=key.replace(".", "_"))
+
+
+def folded_kernel(layer) -> np.ndarray:
+    """The layer's W, multiplied out in float64 from the very values its Keras
+    forward pass uses, then rounded once: a folded file differs from Keras by
+    the rounding of one float32 matmul, not of a chain of them."""
+    import keras
+
+    values = {}
+    for key, value in layer._values().items():
+        value = keras.ops.convert_to_numpy(value)
+        values[key] = value if np.issubdtype(value.dtype, np.integer) else value.astype(np.float64)
+    return np.asarray(layer.node.materialize(values, np), dtype=layer.compute_dtype)
 
 
 def _plain_class(layer):
@@ -101,25 +183,44 @@ def _plain_class(layer):
 
 
 def _plain_config(layer, config: dict) -> dict:
-    drop = {"W", "params", "seed", "mode", "stage", "fixed_dtype", "tied", "fixed"}
-    return {k: v for k, v in config.items() if k not in drop}
+    """The config keys the plain Keras class takes: ours (W, mode, fixed, ...) go."""
+    import inspect
+
+    import keras
+
+    accepted = set(inspect.signature(_plain_class(layer).__init__).parameters)
+    accepted |= set(inspect.signature(keras.layers.Layer.__init__).parameters)
+    return {k: v for k, v in config.items() if k in accepted and k not in ("self", "kwargs")}
 
 
 def export(model, path, format: str = "tflite", mode: str = "auto", quantize: str | None = None,
-           representative_data=None, sample=None, check: bool = True) -> dict:
+           representative_data=None, sample=None, check: bool = True, labels=None) -> dict:
     """Write ``model`` as a SavedModel folder or a ``.tflite`` file; check it.
 
-    ``sample``: inputs to compare on (default: 32 random inputs);
-    ``representative_data``: inputs for full int8 calibration.  Returns a
-    report: path, bytes, forms per layer, parameters stored, and where
-    checked, max abs difference, top-1 agreement and batch-1 latency.
+    ``sample``: inputs to compare on (default: 32 random inputs); ``labels``:
+    their classes, to report both models' accuracy; ``representative_data``:
+    inputs for full int8 calibration.  Returns a report: path, bytes, forms
+    per layer, parameters stored, and where checked, max abs difference, top-1
+    agreement and batch-1 latency.  A TFLite file is traced at batch 1.
+
+    >>> import keras, tempfile
+    >>> from keras_decomp.layers import Dense
+    >>> model = keras.Sequential([keras.Input((64,)), Dense(64, W="lowrank(r=4)", name="low")])
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     report = export(model, folder + "/low.tflite", mode="auto")
+    >>> report["forms"], report["parameters_stored"], report["max_abs_diff"] < 1e-5
+    ({'low': 'factored'}, 576, True)
     """
     if format not in ("tflite", "saved_model"):
-        raise DecompError(f"format must be 'tflite' or 'saved_model', got {format!r}")
+        raise DecompError(f"format must be 'tflite' or 'saved_model', got {format!r}",
+                          hint="'tflite' writes one .tflite file, 'saved_model' a folder")
     if quantize not in QUANTIZE:
-        raise DecompError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        raise DecompError(f"quantize must be one of {QUANTIZE}, got {quantize!r}",
+                          hint="None keeps float32; 'dynamic' stores int8 weights; 'int8' also "
+                               "computes in int8, calibrated on representative_data")
     if quantize == "int8" and representative_data is None:
-        raise DecompError("quantize='int8' needs representative_data: a few hundred typical inputs")
+        raise DecompError("quantize='int8' needs representative_data: a few hundred typical inputs",
+                          hint="pass e.g. 300 training inputs, or use quantize='dynamic'")
     if quantize and format == "saved_model":
         raise DecompError("quantization applies to TFLite files only", hint="use format='tflite'")
     forms = choose_forms(model, mode)
@@ -132,7 +233,7 @@ def export(model, path, format: str = "tflite", mode: str = "auto", quantize: st
         prepared.export(str(path), format="tf_saved_model", verbose=False)
         report["bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         if check:
-            report.update(_check_saved_model(path, model, sample))
+            report.update(_check_saved_model(path, model, sample, labels))
         return report
     content = _convert(prepared, quantize, representative_data)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +242,7 @@ def export(model, path, format: str = "tflite", mode: str = "auto", quantize: st
     tmp.replace(path)
     report["bytes"] = len(content)
     if check:
-        report.update(check_tflite(path, model, sample))
+        report.update(check_tflite(path, model, sample, labels))
     return report
 
 
@@ -150,7 +251,7 @@ def _stored(prepared, forms, model) -> int:
     total = 0
     for layer in model.layers:
         if isinstance(layer, _Decomposed) and forms.get(layer.name) == "factored":
-            total += stored_entries(layer.node) + (layer.bias.shape[0] if layer.bias is not None else 0)
+            total += layer_entries(layer) + (layer.bias.shape[0] if layer.bias is not None else 0)
         else:
             total += layer.count_params() if not isinstance(layer, _Decomposed) else \
                 math.prod(layer.node.shape) + (layer.bias.shape[0] if layer.bias is not None else 0)
@@ -165,10 +266,16 @@ def _sample(model, sample):
 
 
 def _convert(prepared, quantize, representative_data) -> bytes:
+    import keras
     import tensorflow as tf
 
+    # Traced at batch 1, the device's batch: every sub-product then takes the form
+    # that is cheaper at batch 1, which is what stored_entries counts (at an unknown
+    # batch the IR plans for 128 rows and materialises more, e.g. A1*a + B1*b).
+    (spec,) = prepared.inputs
+    signature = [keras.InputSpec(shape=(1,) + tuple(spec.shape[1:]), dtype=spec.dtype)]
     with tempfile.TemporaryDirectory() as folder:
-        prepared.export(folder, format="tf_saved_model", verbose=False)
+        prepared.export(folder, format="tf_saved_model", verbose=False, input_signature=signature)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         if quantize:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -212,31 +319,37 @@ def latency(path, x: np.ndarray, runs: int = 200, warmup: int = 20) -> float:
     return float(np.median(times))
 
 
-def _compare(reference, got) -> dict:
+def _compare(reference, got, labels=None) -> dict:
     reference, got = np.asarray(reference, dtype=np.float64), np.asarray(got, dtype=np.float64)
     agree = float(np.mean(np.argmax(reference, -1) == np.argmax(got, -1))) if reference.ndim > 1 else 1.0
-    return {"max_abs_diff": float(np.max(np.abs(reference - got))), "top1_agreement": agree}
+    out = {"max_abs_diff": float(np.max(np.abs(reference - got))), "top1_agreement": agree}
+    if labels is not None and reference.ndim > 1:
+        labels = np.asarray(labels).reshape(-1)
+        out["accuracy"] = {"keras": float(np.mean(np.argmax(reference, -1) == labels)),
+                           "exported": float(np.mean(np.argmax(got, -1) == labels)), "images": len(labels)}
+    return out
 
 
-def check_tflite(path, model, sample) -> dict:
+def check_tflite(path, model, sample, labels=None) -> dict:
+    """The file's outputs on ``sample`` (batch 1, LiteRT) against Keras's, and its latency."""
     reference = np.asarray(model(sample))
-    return {**_compare(reference, run_tflite(path, sample)), "latency_s": latency(path, sample)}
+    return {**_compare(reference, run_tflite(path, sample), labels), "latency_s": latency(path, sample)}
 
 
-def _check_saved_model(path, model, sample) -> dict:
+def _check_saved_model(path, model, sample, labels=None) -> dict:
     import keras
     reloaded = keras.layers.TFSMLayer(str(path), call_endpoint="serve")
-    return _compare(np.asarray(model(sample)), np.asarray(reloaded(sample)))
+    return _compare(np.asarray(model(sample)), np.asarray(reloaded(sample)), labels)
 
 
-def export_from_spec(model, section: dict, out, sample=None, representative_data=None) -> dict:
+def export_from_spec(model, section: dict, out, sample=None, representative_data=None, labels=None) -> dict:
     """The spec's ``export:`` section ({tflite: {mode, quantize}, saved_model: {mode}})
     written under ``out``; returns the reports by format."""
     reports = {}
     for fmt, options in section.items():
         options = dict(options or {})
         name = "model.tflite" if fmt == "tflite" else "saved_model"
-        reports[fmt] = export(model, Path(out) / name, format=fmt, sample=sample,
+        reports[fmt] = export(model, Path(out) / name, format=fmt, sample=sample, labels=labels,
                               representative_data=representative_data, **options)
     return reports
 
@@ -251,6 +364,10 @@ def format_report(report: dict) -> str:
     if "max_abs_diff" in report:
         lines.append(f"  vs Keras: max abs diff {report['max_abs_diff']:.2e}, "
                      f"top-1 agreement {100 * report['top1_agreement']:.2f}%")
+    if "accuracy" in report:
+        accuracy = report["accuracy"]
+        lines.append(f"  test accuracy on {accuracy['images']} images: Keras {accuracy['keras']:.4f}, "
+                     f"exported {accuracy['exported']:.4f}")
     if "latency_s" in report:
         lines.append(f"  batch-1 latency (median of 200, 1 thread): {1e6 * report['latency_s']:.1f} us")
     return "\n".join(lines)

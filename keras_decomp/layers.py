@@ -84,7 +84,7 @@ class _Ops:
 class _Decomposed(keras.layers.Layer):
     """What Dense and Conv2D share: the expression, its variables, its apply."""
 
-    def _init_decomposition(self, W, params, seed, mode, stage, fixed_dtype, tied, fixed=None):
+    def _init_decomposition(self, W, params, seed, mode, stage, fixed_dtype, tied, fixed=None, fitted=None):
         if mode not in MODES:
             raise DecompError(f"layer '{self.name}': mode must be one of {MODES}, got {mode!r}")
         if not isinstance(W, str):
@@ -104,6 +104,9 @@ class _Decomposed(keras.layers.Layer):
         self.fixed_dtype = fixed_dtype
         self.tied = bool(tied)
         self.fixed = dict(fixed or {})
+        # fixed arrays found from data (a sparse support chosen by palm4MSA): no seed regenerates
+        # them, so the config keeps them, as int lists
+        self.fitted = {key: np.asarray(a).tolist() for key, a in (fitted or {}).items()}
         self.node = None
 
     def _symbols(self) -> dict:
@@ -144,7 +147,29 @@ class _Decomposed(keras.layers.Layer):
             self.decomposition_variables[key] = variable
             if tied:
                 self.tied_variables[key] = variable
-        self._fixed = _Fixed({key: self._fixed_variable(key, a) for key, a in _fixed_arrays(self.node).items()})
+        arrays = _fixed_arrays(self.node)
+        arrays.update(self._checked_fitted(self.fitted, arrays))
+        self._fixed = _Fixed({key: self._fixed_variable(key, a) for key, a in arrays.items()})
+
+    def _checked_fitted(self, fitted: dict, arrays: dict) -> dict:
+        out = {}
+        for key, value in fitted.items():
+            value = np.asarray(value)
+            if key not in arrays or value.shape != arrays[key].shape:
+                raise DecompError(f"layer '{self.name}': the fitted array '{key}' {value.shape} does not "
+                                  f"belong to '{self.W}'", hint="fitted arrays come from approximate() for "
+                                  "this expression and input size; drop them to start from seeded ones")
+            out[key] = value.astype(arrays[key].dtype)
+        return out
+
+    def set_fitted(self, arrays: dict) -> None:
+        """Use fixed arrays found from data (``approximate`` of a sparse() support) from now on,
+        and keep them in the config so that a saved model rebuilds with them."""
+        current = {key: ops.convert_to_numpy(v) for key, v in self._fixed.arrays.items()}
+        checked = self._checked_fitted(arrays, current)
+        for key, value in checked.items():
+            self._fixed.arrays[key].assign(value)
+        self.fitted.update({key: value.tolist() for key, value in checked.items()})
 
     def _fixed_variable(self, key: str, array: np.ndarray):
         """A fixed array, stored as ``fixed_dtype`` if given, else cast once here to the
@@ -181,7 +206,8 @@ class _Decomposed(keras.layers.Layer):
 
     def _decomposition_config(self) -> dict:
         return {"W": self.W, "params": self.params, "seed": self.seed, "mode": self.mode,
-                "stage": self.stage, "fixed_dtype": self.fixed_dtype, "tied": self.tied, "fixed": self.fixed}
+                "stage": self.stage, "fixed_dtype": self.fixed_dtype, "tied": self.tied, "fixed": self.fixed,
+                "fitted": self.fitted}
 
 
 def _declarations(fixed: dict) -> dict:
@@ -221,7 +247,8 @@ class Dense(_Decomposed):
 
     def __init__(self, units, W="dense", activation=None, use_bias=True, bias_initializer="zeros",
                  bias_regularizer=None, bias_constraint=None, params=None, seed=0, mode="auto",
-                 stage=0, fixed_dtype=None, tied=False, fixed=None, **kwargs):
+                 stage=0, fixed_dtype=None, tied=False, fixed=None, fitted=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
             raise DecompError(f"layer '{self.name}': units must be a positive integer, got {units!r}")
@@ -231,7 +258,7 @@ class Dense(_Decomposed):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self._init_decomposition(W, params, seed, mode, stage, fixed_dtype, tied, fixed)
+        self._init_decomposition(W, params, seed, mode, stage, fixed_dtype, tied, fixed, fitted)
 
     def build(self, input_shape):
         n = input_shape[-1]
@@ -282,7 +309,8 @@ class Conv2D(_Decomposed):
     def __init__(self, filters, kernel_size, W="dense", strides=(1, 1), padding="valid",
                  data_format=None, dilation_rate=(1, 1), activation=None, use_bias=True,
                  bias_initializer="zeros", bias_regularizer=None, bias_constraint=None, params=None,
-                 seed=0, mode="auto", stage=0, fixed_dtype=None, tied=False, fixed=None, **kwargs):
+                 seed=0, mode="auto", stage=0, fixed_dtype=None, tied=False, fixed=None, fitted=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
             raise DecompError(f"layer '{self.name}': filters must be a positive integer, got {filters!r}")
@@ -299,7 +327,7 @@ class Conv2D(_Decomposed):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self._init_decomposition(W, params, seed, mode, stage, fixed_dtype, tied, fixed)
+        self._init_decomposition(W, params, seed, mode, stage, fixed_dtype, tied, fixed, fitted)
 
     def _channels(self, input_shape) -> int:
         cin = input_shape[-1] if self.data_format == "channels_last" else input_shape[1]

@@ -10,6 +10,13 @@ is, what it measured so far and which model file holds its weights
 and complete before ``state.json`` is replaced to point at it, and the old
 file is removed only after that: whenever the process dies, ``state.json``
 names a complete model of exactly the stage and epoch it records.
+
+Under a distribution (``distribute=``, see ``distribute.py``) every process
+runs the same stages on its part of each global batch.  Only the chief writes
+the checkpoint and the outputs; the others save into a throwaway folder, since
+saving is collective there.  The least-squares hand-over runs on the chief and
+is broadcast.  A multi-worker run needs ``out`` on a filesystem that every
+worker reads: a resumed non-chief worker loads the chief's checkpoint.
 """
 
 from __future__ import annotations
@@ -20,19 +27,49 @@ from pathlib import Path
 
 import numpy as np
 
+from . import distribute as distribution
 from .approximate import fit as fit_matrix
 from .errors import DecompError
 
 
 def initialize_from(layer, W: np.ndarray, bias=None) -> float:
     """Set a decomposed layer's variables to the best fit of the dense W (its
-    (n, m) kernel matrix); copy the bias.  Returns the relative error."""
-    result = fit_matrix(W, layer.node, seed=layer.seed)
+    (n, m) kernel matrix); copy the bias.  Returns the relative error.
+
+    Under a multi-worker distribution the fit is computed on the chief only and
+    broadcast, so that every worker starts the stage from the same values.
+    """
+    dist = distribution.current()
+    shapes = {key: tuple(variable.shape) for key, variable in layer.decomposition_variables.items()}
+    fitted = fitted_shapes(layer.node)
+    if dist.is_chief:
+        result = fit_matrix(W, layer.node, seed=layer.seed)
+        values, error = {key: result.values[key] for key in shapes}, result.rel_error
+        for key in fitted:  # a support palm4MSA found, or the seeded one if another method ran
+            values[key] = result.values.get(key, layer._fixed.arrays[key])
+    else:
+        values = {key: np.zeros(shape) for key, shape in {**shapes, **fitted}.items()}
+        error = 0.0
+    values = dist.broadcast({**values, _ERROR: np.float64(error)})  # no parameter is named "/error"
     for key, variable in layer.decomposition_variables.items():
-        variable.assign(np.asarray(result.values[key], dtype=variable.dtype))
+        variable.assign(np.asarray(values[key], dtype=variable.dtype))
+    if fitted:
+        layer.set_fitted({key: np.rint(np.asarray(values[key], dtype=np.float64)) for key in fitted})
     if bias is not None and layer.bias is not None:
         layer.bias.assign(np.asarray(bias, dtype=layer.bias.dtype))
-    return result.rel_error
+    return float(values[_ERROR])
+
+
+_ERROR = "/error"
+
+
+def fitted_shapes(node) -> dict:
+    """The fixed arrays that ``approximate`` finds from data instead of seeds (the
+    support of ``sparse(q, s)``): key -> shape, from nodes with ``fitted_fixed()``."""
+    out = {}
+    for sub in node.walk():
+        out.update(getattr(sub, "fitted_fixed", dict)())
+    return out
 
 
 def kernel_matrix(layer) -> np.ndarray:
@@ -69,7 +106,7 @@ def hand_over(old_model, new_model) -> dict[str, float]:
 
 
 def fit_staged(spec, source: str | None = None, out: str | Path | None = None, resume: bool = False,
-               epochs: int | None = None, verbose: int = 1, strategy=None) -> dict:
+               epochs: int | None = None, verbose: int = 1, distribute=None) -> dict:
     """Train every ``|`` stage of ``spec`` with least-squares hand-overs.
 
     ``out`` holds checkpoints, the final ``model.keras`` and ``report.json``;
@@ -78,18 +115,29 @@ def fit_staged(spec, source: str | None = None, out: str | Path | None = None, r
     stage the trainable parameters, the hand-over error per layer, test
     accuracy before and after the hand-over and at the end; every epoch's
     metrics; the final test accuracy and loss and the per-layer table.
+
+    ``distribute`` trains on several devices or machines: "mirrored" (this
+    machine's devices; on JAX ``keras.distribution.DataParallel``),
+    "multi-worker" (the cluster in TF_CONFIG), or a ``distribute.Distribution``.
+    The spec's batch_size is the global batch.  Every worker calls
+    ``fit_staged`` alike; only the chief writes to ``out``.
     """
     import keras
 
     from .specs import load_spec
     from .training import load_data
 
+    # First: a multi-worker strategy configures collective ops, which must precede any other TF work.
+    dist = distribute if isinstance(distribute, distribution.Distribution) else distribution.make(distribute)
     spec = load_spec(spec)
     out = Path(out or f"runs/{spec.name}")
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_chief:
+        out.mkdir(parents=True, exist_ok=True)
     state = _State.load(out) if resume else None
     if resume and state is None:
-        raise DecompError(f"nothing to resume in {out}: no checkpoint was written there",
+        where = "" if dist.is_chief else (" (seen from this non-chief worker: every worker must read the "
+                                           "chief's --out, e.g. on a shared filesystem)")
+        raise DecompError(f"nothing to resume in {out}: no checkpoint was written there{where}",
                           hint="run without --resume to start")
     if state is not None and state.data["spec"] != spec.name:
         raise DecompError(f"the checkpoint in {out} is of spec '{state.data['spec']}', not '{spec.name}'",
@@ -98,12 +146,18 @@ def fit_staged(spec, source: str | None = None, out: str | Path | None = None, r
     keras.utils.set_random_seed(spec.seed)
     data = load_data(spec, source)
     batch = spec.train.get("batch_size", 128)
-    train_ds, test_ds = data.pipelines(batch_size=batch, seed=spec.seed, limit=spec.data.get("limit"))
-    runner = _Runner(spec, state, out, train_ds, test_ds, verbose, strategy, epochs)
-    model = runner.run()
-    report = runner.report(data.source, model)
+    limit = spec.data.get("limit")
+    dist.check_batches(batch, {"training": len(data.x_train[:limit]), "test": len(data.x_test[:limit])})
+    train_ds, test_ds = data.pipelines(batch_size=batch, seed=spec.seed, limit=limit)
+    runner = _Runner(spec, state, out, dist.shard(train_ds), dist.shard(test_ds), verbose, epochs)
     from .training import write_outputs
-    write_outputs(model, report, out)
+    with dist.scope():
+        model = runner.run()
+        report = {**runner.report(data.source, model), "distribution": dist.describe()}
+        if dist.is_chief:
+            write_outputs(model, report, out)
+        else:
+            dist.save(model, None)  # the chief's write_outputs saves collectively
     return report
 
 
@@ -134,10 +188,14 @@ class _State:
 
     def save(self, out: Path, model) -> None:
         folder = out / "checkpoint"
-        folder.mkdir(exist_ok=True)
         name = f"model-s{self.data['stage']}-e{self.data['epoch']}.keras"
         tmp = folder / f"tmp-{name}"
-        model.save(tmp)
+        dist = distribution.current()
+        if dist.is_chief:
+            folder.mkdir(exist_ok=True)
+        if not dist.save(model, tmp):  # not the chief: it writes the checkpoint
+            self.data["model"] = name
+            return
         tmp.replace(folder / name)
         _write_json(folder / "state.json", {**self.data, "model": name})  # the commit point
         self.data["model"] = name
@@ -154,10 +212,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class _Runner:
-    def __init__(self, spec, state, out, train_ds, test_ds, verbose, strategy, epochs):
+    """The stages of one run; ``run`` and ``report`` are called inside the distribution's scope."""
+
+    def __init__(self, spec, state, out, train_ds, test_ds, verbose, epochs):
         self.spec, self.state, self.out = spec, state, out
         self.train_ds, self.test_ds = train_ds, test_ds
-        self.verbose, self.strategy, self.epochs_override = verbose, strategy, epochs
+        self.verbose, self.epochs_override = verbose, epochs
 
     def epochs(self, stage: int) -> int:
         if self.epochs_override is not None:
@@ -170,16 +230,11 @@ class _Runner:
         entry = self.spec.stages[stage] if self.spec.stages else {}
         return entry.get("learning_rate", self.spec.train.get("learning_rate", 1e-3))
 
-    def scope(self):
-        import contextlib
-        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
-
     def model_for(self, stage: int):
         from .specs import build
         from .training import compile_model
-        with self.scope():
-            model = build(self.spec, stage=stage)
-            return compile_model(model, self.spec.train, self.learning_rate(stage))
+        model = build(self.spec, stage=stage)
+        return compile_model(model, self.spec.train, self.learning_rate(stage))
 
     def evaluate(self, model) -> float:
         return float(model.evaluate(self.test_ds, verbose=0)[1])
@@ -189,8 +244,7 @@ class _Runner:
         stages = self.spec.num_stages
         s = self.state.data
         if "model" in s:  # resuming
-            with self.scope():
-                model = load_model(self.state.model_path(self.out))
+            model = load_model(self.state.model_path(self.out))
         else:
             model = self.model_for(0)
             s["stages"].append(self.stage_entry(0, model, {}, None, None))

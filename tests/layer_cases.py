@@ -84,11 +84,36 @@ CASES = [
     Case("sketch_budget", "sketch(params=0.5)"),
     Case("sketch_flat", "sketch(k=3, spatial=1)"),
     Case("sketch_in_sum", "sketch(k=1, l=3) + diag"),
+    # sss: the forward and backward recursions over p stages; odd block sizes and n != m
+    # (inputs (5, 4, 4), outputs (3, 3, 2)), more stages than transitions need, one and two stages
+    Case("sss", "sss(p=3, d=2)", n=13, m=8, kernel=(1, 1)),
+    Case("sss_long", "sss(p=5, d=3)", n=20, m=10),
+    Case("sss_two_stages", "sss(p=2, d=1)"),
+    Case("sss_one_stage", "sss(p=1, d=1)"),
+    Case("sss_budget", "sss(p=3, params=0.7)"),
+    Case("sss_plus_lowrank", "sss(p=3, d=1) + lowrank(r=1)"),
+    # sparse factors: random seeded supports (gather apply), s capped at a factor's inputs,
+    # a budget; butterfly on powers of two and padded (12 -> 16 inputs, 8 of 16 outputs)
+    Case("sparse", "sparse(q=3, s=2)"),
+    Case("sparse_one_factor", "sparse(q=1, s=20)", n=16),
+    Case("sparse_budget", "sparse(params=0.5)"),
+    Case("butterfly", "butterfly", n=16, m=16),
+    Case("butterfly_padded", "butterfly()"),
+    Case("butterfly_in_product", "DCT butterfly"),
+    # tri: G_in S G_out^T (k != h, h defaulting to k, factors wider than the kernel, a budget,
+    # inside a sum, transposed)
+    Case("tri", "tri(k=3, h=2)"),
+    Case("tri_square_core", "tri(k=4)"),
+    Case("tri_wide", "tri(k=16, h=10)"),
+    Case("tri_budget", "tri(params=0.5)"),
+    Case("tri_in_sum", "tri(k=2, h=1) + diag"),
+    Case("tri_transposed", "tri(k=2, h=3)'"),
 ]
 
 # The checks that compile, fit, save and reload a model are the slow ones: run them on a
 # handful of rows that between them hold every kind of variable and fixed array.
 EXPENSIVE = ["dense", "lowrank", "named_tri", "scalars_paper", "sum_R", "sum_P_slice",
-             "sum_of_product", "sum_tile_D", "kron", "dct2", "sketch"]
+             "sum_of_product", "sum_tile_D", "kron", "dct2", "sketch", "sss", "sparse",
+             "butterfly_padded", "tri"]
 
 BY_ID = {case.id: case for case in CASES}

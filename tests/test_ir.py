@@ -400,6 +400,14 @@ def test_sum_of_tiled_diagonals_is_diagonal_blocks_side_by_side():
 
 # ---- DESIGN.md section 3: every example --------------------------------------------------------------
 
+
+def sss_784_10(d):  # sss(p=8, d=) on (784, 10): inputs 8 x 98, outputs (2, 2, 1, 1, 1, 1, 1, 1)
+    diagonal = 98 * 10
+    b_and_f = 2 * d * (784 - 98)  # B on stages 0..6, F on 1..7
+    c, g = d * (10 - 2), d * (10 - 1)  # C on stages 1..7, G on 0..6
+    return diagonal + b_and_f + c + g + 2 * 6 * d * d  # A and E on the 6 interior stages
+
+
 # (text, n, m, params, trainable count of each stage, computed by hand)
 DESIGN_EXAMPLES = [
     ("W = DCT2[:k] dense", 784, 10, {"k": 100}, [100 * 10]),
@@ -412,13 +420,9 @@ DESIGN_EXAMPLES = [
     ("W = lowrank(r=2)", 784, 10, None, [2 * (784 + 10)]),  # the second term of sss + lowrank
     ("W = g0 s1 g1'", 784, 10, None, [784 * 784 + 784 * 784 + 10 * 784]),
     ("W = sketch(k=16, l=2)", 784, 10, None, [2 * 16 * (784 + 10)]),
-]
-
-# examples whose family is not in this version: (text, the structure named in the error)
-PENDING_EXAMPLES = [
-    ("W = (A1*a + B1*b)(DCT[:k]) | sss(p=8, d=4)", "sss"),
-    ("W = sss(p=8, d=4) | sss(p=8, d=16)", "sss"),
-    ("W = sss(p=8, d=4) + lowrank(r=2)", "sss"),
+    ("W = (A1*a + B1*b)(DCT[:k]) | sss(p=8, d=4)", 784, 10, {"k": 10}, [2, sss_784_10(4)]),
+    ("W = sss(p=8, d=4) | sss(p=8, d=16)", 784, 10, None, [sss_784_10(4), sss_784_10(16)]),
+    ("W = sss(p=8, d=4) + lowrank(r=2)", 784, 10, None, [sss_784_10(4) + 2 * (784 + 10)]),
 ]
 
 
@@ -429,16 +433,6 @@ def test_design_examples_parse_with_shape_and_count(text, n, m, params, counts):
     assert [stage.shape for stage in d.stages] == [(n, m)] * len(counts)
     assert [stage.num_params for stage in d.stages] == counts
     assert d.num_params == counts[0]
-
-
-@pytest.mark.parametrize("text, structure", PENDING_EXAMPLES, ids=[e[0] for e in PENDING_EXAMPLES])
-def test_design_examples_of_pending_families_say_not_available(text, structure):
-    with pytest.raises(DecompError, match=f"'{structure}' is not available") as err:
-        keras_decomp.parse(text, 784, 10, params={"k": 10})
-    assert text in str(err.value)  # the expression, with a caret under the culprit
-    first = text.split("|")[0]
-    if structure not in first:
-        assert keras_decomp.parse(first, 784, 10, params={"k": 10}).num_params == 2
 
 
 # ---- determinism ---------------------------------------------------------------------------------

@@ -1,0 +1,371 @@
+"""Tests of sss(p=, d=) (keras_decomp/structures/sss.py): layout and counts by hand, the dense
+form against two independent constructions (explicit block products and the paper's closed
+form with shift matrices), the recursions against x @ W, the Hankel-SVD approximation
+(exact recovery, error decreasing in d), the costs, and the Keras layer (gradients reach every
+stage matrix).  The shared layer harness runs the sss rows of tests/layer_cases.py too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import scipy.linalg
+from keras import ops
+
+import keras_decomp
+from keras_decomp import DecompError, layers, parse
+from keras_decomp.approximate import approximate, degree, fit
+from keras_decomp.structures.sss import SSS, block_sizes
+
+N, M, P, D = 47, 31, 6, 3  # odd block sizes, n != m: inputs (8,8,8,8,8,7), outputs (6,5,5,5,5,5)
+
+
+def sss_node(p=P, d=D, n=N, m=M) -> SSS:
+    return parse(f"sss(p={p}, d={d})", n, m).stages[0]
+
+
+def random_values(node, seed=0, scale=1.0) -> dict:
+    """Stage matrices drawn at random (not the layer's initialiser)."""
+    rng = np.random.default_rng(seed)
+    return {k: scale * rng.normal(size=s) for k, s in node.param_shapes().items()}
+
+
+def stage(values, node, letter, k):
+    return values[node.name(letter, k)]
+
+
+# ---- independent references --------------------------------------------------------------------
+
+def dense_by_blocks(node, values) -> np.ndarray:
+    """W[i, j] = D_j (i = j), B_i A_{i+1}..A_{j-1} C_j (i < j), F_i E_{i-1}..E_{j+1} G_j (i > j)."""
+    p, d = node.p, node.d
+    ri = np.concatenate([[0], np.cumsum(node.in_sizes)])
+    ro = np.concatenate([[0], np.cumsum(node.out_sizes)])
+    W = np.zeros(node.shape)
+    for i in range(p):
+        for j in range(p):
+            if i == j:
+                block = stage(values, node, "D", i)
+            elif i < j:
+                chain = np.eye(d)
+                for k in range(i + 1, j):
+                    chain = chain @ stage(values, node, "A", k)
+                block = stage(values, node, "B", i) @ chain @ stage(values, node, "C", j)
+            else:
+                chain = np.eye(d)
+                for k in range(i - 1, j, -1):
+                    chain = chain @ stage(values, node, "E", k)
+                block = stage(values, node, "F", i) @ chain @ stage(values, node, "G", j)
+            W[ri[i]:ri[i + 1], ro[j]:ro[j + 1]] = block
+    return W
+
+
+def shift(dims_to, dims_from, offset) -> np.ndarray:
+    """Block shift matrix: block k of the result is block k + offset of the argument."""
+    Z = np.zeros((sum(dims_to), sum(dims_from)))
+    to = np.concatenate([[0], np.cumsum(dims_to)])
+    fr = np.concatenate([[0], np.cumsum(dims_from)])
+    for k in range(len(dims_to)):
+        j = k + offset
+        if 0 <= j < len(dims_from) and dims_to[k]:
+            Z[to[k]:to[k + 1], fr[j]:fr[j + 1]] = np.eye(dims_to[k])
+    return Z
+
+
+def dense_by_paper(node, values) -> np.ndarray:
+    """The paper's T = D + C (I - Z A)^-1 Z B + G (I - Z^T E)^-1 Z^T F for column vectors,
+    with block-diagonal stage operators and state sizes 0 at the open ends; W = T^T."""
+    p, d = node.p, node.d
+
+    def get(letter, k, rows, cols):  # the paper's (column-vector) matrix, or an empty block
+        key = node.name(letter, k)
+        return values[key].T if key in values else np.zeros((rows, cols))
+
+    n, m = node.in_sizes, node.out_sizes
+    into = [0] + [d] * (p - 1)  # causal state entering stage k
+    out = into[1:] + [0]  # and leaving it
+    A = scipy.linalg.block_diag(*[get("A", k, out[k], into[k]) for k in range(p)])
+    B = scipy.linalg.block_diag(*[get("B", k, out[k], n[k]) for k in range(p)])
+    C = scipy.linalg.block_diag(*[get("C", k, m[k], into[k]) for k in range(p)])
+    Dg = scipy.linalg.block_diag(*[get("D", k, m[k], n[k]) for k in range(p)])
+    Z = shift(into, out, -1)  # state entering stage k = state leaving stage k - 1
+    causal = C @ np.linalg.solve(np.eye(len(Z)) - Z @ A, Z @ B)
+    back_in = [d] * (p - 1) + [0]  # anticausal state entering stage k from the right
+    back_out = [0] + back_in[:-1]  # and leaving it to the left
+    E = scipy.linalg.block_diag(*[get("E", k, back_out[k], back_in[k]) for k in range(p)])
+    F = scipy.linalg.block_diag(*[get("F", k, back_out[k], n[k]) for k in range(p)])
+    G = scipy.linalg.block_diag(*[get("G", k, m[k], back_in[k]) for k in range(p)])
+    Zt = shift(back_in, back_out, +1)
+    anticausal = G @ np.linalg.solve(np.eye(len(Zt)) - Zt @ E, Zt @ F)
+    return (Dg + causal + anticausal).T
+
+
+# ---- layout and counts -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("total, p, sizes", [(10, 4, (3, 3, 2, 2)), (47, 6, (8, 8, 8, 8, 8, 7)),
+                                             (31, 6, (6, 5, 5, 5, 5, 5)), (8, 8, (1,) * 8), (5, 1, (5,))])
+def test_blocks_are_near_equal_and_the_first_ones_larger(total, p, sizes):
+    assert block_sizes(total, p) == sizes
+
+
+def test_stage_shapes_and_count_by_hand():
+    node = sss_node()
+    assert node.in_sizes == (8, 8, 8, 8, 8, 7) and node.out_sizes == (6, 5, 5, 5, 5, 5)
+    shapes = node.param_shapes()
+    assert shapes[node.name("D", 0)] == (8, 6) and shapes[node.name("D", 5)] == (7, 5)
+    assert shapes[node.name("B", 0)] == (8, 3) and shapes[node.name("G", 0)] == (3, 6)
+    assert shapes[node.name("C", 5)] == (3, 5) and shapes[node.name("F", 5)] == (7, 3)
+    assert shapes[node.name("A", 2)] == (3, 3) and shapes[node.name("E", 2)] == (3, 3)
+    # the open ends carry nothing: no state enters stage 0 causally or leaves stage p-1
+    for absent in [("A", 0), ("E", 0), ("C", 0), ("F", 0), ("A", 5), ("E", 5), ("B", 5), ("G", 5)]:
+        assert node.name(*absent) not in shapes
+    assert len(shapes) == 6 + 4 * 5 + 2 * 4
+    diagonal = 8 * 6 + 4 * 8 * 5 + 7 * 5  # 243
+    b, f = 3 * (47 - 7), 3 * (47 - 8)  # B on all stages but the last, F on all but the first
+    c, g = 3 * (31 - 6), 3 * (31 - 5)  # C on all but the first, G on all but the last
+    transitions = 2 * 4 * 3 * 3  # A and E on the 4 interior stages
+    assert node.num_params == diagonal + b + f + c + g + transitions == 705
+    assert node.num_fixed == 0
+
+
+@pytest.mark.parametrize("text, n, m, count", [
+    ("sss(p=1, d=5)", 6, 4, 24),  # one stage: a dense matrix
+    ("sss(p=2, d=2)", 6, 4, 3 * 2 * 2 + 2 * (3 * 2 + 2 * 2)),  # no transitions
+    ("sss(p=8, d=4)", 784, 10, 980 + 2 * 4 * 686 + 4 * 8 + 4 * 9 + 2 * 6 * 16),
+    ("sss(p=16, d=16)", 4096, 4096, 16 * 256 * 256 + 4 * 16 * 15 * 256 + 2 * 14 * 256),
+])
+def test_counts_by_hand(text, n, m, count):
+    assert parse(text, n, m).num_params == count
+
+
+def test_params_budget_picks_the_largest_state_size():
+    node = parse("sss(p=4, params=0.5)", 64, 48).stages[0]
+    allowed = 0.5 * 64 * 48
+    assert node.num_params <= allowed < sss_node(4, node.d + 1, 64, 48).num_params
+
+
+# ---- the dense form and the recursions ---------------------------------------------------------
+
+@pytest.mark.parametrize("p, d, n, m", [(P, D, N, M), (1, 2, 5, 4), (2, 3, 7, 9), (3, 1, 3, 3), (5, 4, 31, 47)])
+def test_to_dense_matches_block_products_and_the_paper_formula(p, d, n, m):
+    node = sss_node(p, d, n, m)
+    values = random_values(node)
+    W = node.to_dense(values)
+    np.testing.assert_allclose(W, dense_by_blocks(node, values), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(W, dense_by_paper(node, values), rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("p, d, n, m", [(P, D, N, M), (1, 2, 5, 4), (2, 3, 7, 9), (5, 4, 31, 47)])
+def test_recursions_equal_x_times_dense(p, d, n, m):
+    node = sss_node(p, d, n, m)
+    values = random_values(node, seed=1)
+    x = np.random.default_rng(2).normal(size=(5, n))
+    expected = x @ node.to_dense(values)
+    np.testing.assert_allclose(node.apply(x, values, np), expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
+def test_init_gives_the_dense_form_glorot_variance():
+    n, m = 400, 300
+    node = sss_node(8, 8, n, m)
+    W = node.to_dense(node.init(np.random.default_rng(0)))
+    variance = 2.0 / (n + m)
+    assert 0.8 * variance < np.var(W) < 1.25 * variance
+    # off-diagonal blocks too, not only the diagonal ones
+    assert 0.7 * variance < np.var(W[:50, -38:]) < 1.4 * variance
+
+
+# ---- costs -------------------------------------------------------------------------------------
+
+def test_apply_is_cheaper_than_materialising_for_a_big_matrix():
+    node = sss_node(16, 16, 4096, 4096)
+    for batch in (1, 128):
+        assert node.flops(batch, "apply") < node.flops(batch, "materialize") / 4
+    # one multiply-add per parameter and row, plus the merges
+    assert 2 * node.num_params <= node.flops(1, "apply") < 2.1 * node.num_params
+    assert node.flops(128, "apply") == 128 * node.flops(1, "apply")
+
+
+def test_build_cost_counts_the_products_of_materialize():
+    node = sss_node(3, 2, 9, 6)  # inputs (3, 3, 3), outputs (2, 2, 2)
+    # causal: R_1 C_1 (3x2 @ 2x2), R_2 = [R_1 A_1; B_1] (3x2 @ 2x2), R_2 C_2 (6x2 @ 2x2); anticausal mirrored
+    causal = 2 * 3 * 2 * 2 + 2 * 3 * 2 * 2 + 2 * 6 * 2 * 2
+    assert node.build_cost() == 2 * causal
+    assert node.flops(4, "materialize") == 2 * causal + 2 * 4 * 9 * 6
+
+
+# ---- structure for the generic fitting methods -------------------------------------------------
+
+def test_degree_is_the_longest_chain_of_given_keys():
+    node = sss_node()
+    keys = set(node.param_shapes())
+    assert degree(node, keys) == P  # B_0 A_1 .. A_4 C_5
+    assert all(degree(node, {k}) == 1 for k in keys)
+    assert degree(node, {node.name("D", 2), node.name("D", 3)}) == 1
+    assert degree(node, {node.name("B", 0), node.name("A", 1), node.name("E", 1)}) == 2
+    assert degree(node, {node.name("F", 3), node.name("E", 2), node.name("G", 1), node.name("G", 0)}) == 3
+    assert degree(node, set()) == 0
+
+
+# ---- approximation -----------------------------------------------------------------------------
+
+def test_random_sss_is_recovered():
+    node = sss_node()
+    W = node.to_dense(random_values(node, seed=3))
+    result = fit(W, "sss(p=6, d=3)")
+    assert result.method == "sss"
+    assert result.rel_error < 1e-9
+    # a larger state than needed is exact too (extra state dimensions stay zero)
+    assert approximate(W, "sss(p=6, d=5)")[1] < 1e-9
+
+
+def test_recovered_values_have_the_balanced_shapes_and_a_smaller_state_is_not_exact():
+    node = sss_node()
+    W = node.to_dense(random_values(node, seed=4))
+    values, error = approximate(W, node)
+    assert {k: v.shape for k, v in values.items()} == node.param_shapes()
+    np.testing.assert_allclose(node.to_dense(values), W, atol=1e-10 * np.abs(W).max())
+    assert approximate(W, "sss(p=6, d=2)")[1] > 1e-3
+
+
+def test_error_decreases_monotonically_in_d_on_a_generic_matrix():
+    W = np.random.default_rng(5).normal(size=(N, M))
+    errors = [approximate(W, f"sss(p=6, d={d})")[1] for d in range(1, 13)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] < 1.0
+    # d at least every Hankel rank (min(n, m) suffices): exact
+    assert approximate(W, f"sss(p=6, d={min(N, M)})")[1] < 1e-9
+
+
+def test_one_and_two_stages():
+    W = np.random.default_rng(6).normal(size=(9, 7))
+    assert approximate(W, "sss(p=1, d=1)")[1] < 1e-14  # a dense copy
+    values, error = approximate(W, "sss(p=2, d=4)")  # the Hankel blocks are 5x3 and 4x4
+    assert error < 1e-12
+
+
+def test_stage_hand_over_uses_the_hankel_fit():
+    node = sss_node(4, 3, 20, 16)
+    W = node.to_dense(random_values(node, seed=7))
+    result = fit(W, "sum(G, n=3) | sss(p=4, d=3)")  # the last stage is fitted
+    assert result.method == "sss" and result.rel_error < 1e-9
+
+
+def test_composition_with_lowrank_is_fitted_by_the_generic_method():
+    text, n, m = "sss(p=3, d=1) + lowrank(r=1)", 18, 12
+    W = np.random.default_rng(8).normal(size=(n, m))
+    result = fit(W, text)
+    assert result.method == "alternating least squares"
+    assert all(b <= a for a, b in zip(result.history, result.history[1:]))
+    alone = approximate(W, "sss(p=3, d=1)")[1]
+    assert result.rel_error < min(result.history[0], alone)
+    # an exact composition is fitted closely
+    node = parse(text, n, m).stages[0]
+    exact = node.to_dense(random_values(node, seed=9))
+    assert fit(exact, node).rel_error < 0.1 * approximate(exact, "sss(p=3, d=1)")[1]
+
+
+def test_block_solve_of_each_stage_matrix_is_the_least_squares_one():
+    # SSS.solve_block gives the closed form of what approximate's generic probing computes
+    from keras_decomp.approximate import _probe_solve
+
+    node = sss_node(4, 2, 13, 11)
+    values = random_values(node, seed=15)
+    target = np.random.default_rng(16).normal(size=node.shape)
+    for key in node.param_shapes():
+        expected = _probe_solve(target, node, values, {}, [key])[key]
+        np.testing.assert_allclose(node.solve_block(target, key, values)[key], expected, atol=1e-9, err_msg=key)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, n, m, pattern", [
+    ("sss(p=9, d=2)", 20, 8, r"sss\(p=9\) splits the \(20, 8\) operator into 9 blocks[\s\S]*use p <= 8"),
+    ("sss(p=3)", 20, 8, r"sss needs the argument 'd'"),
+    ("sss(d=3)", 20, 8, r"sss needs the argument 'p'"),
+    ("sss(p=0, d=3)", 20, 8, r"sss's p must be an integer >= 1"),
+    ("sss(p=2, d=2.5)", 20, 8, r"sss's d must be an integer >= 1"),
+    ("sss(p=4, d=2, params=0.1)", 20, 8, r"either d= or params="),
+    ("sss(p=8, params=0.001)", 64, 64, r"impossible budget"),
+])
+def test_bad_arguments_raise_decomp_error_with_caret(text, n, m, pattern):
+    with pytest.raises(DecompError, match=pattern) as err:
+        parse(text, n, m)
+    assert text in str(err.value) and "^" in str(err.value)
+
+
+def test_direct_construction_checks_its_arguments():
+    with pytest.raises(ValueError, match="p <= min"):
+        SSS((4, 3), key="s", p=4, d=1)
+    with pytest.raises(ValueError, match="d >= 1"):
+        SSS((4, 3), key="s", p=2, d=0)
+
+
+# ---- the Keras layer ---------------------------------------------------------------------------
+
+def layer_of(mode, p=P, d=D, n=N, m=M):
+    layer = layers.Dense(m, W=f"sss(p={p}, d={d})", mode=mode, use_bias=False)
+    layer.build((None, n))
+    return layer
+
+
+def layer_values(layer):
+    return {k: np.asarray(ops.convert_to_numpy(v), np.float64) for k, v in layer.decomposition_variables.items()}
+
+
+@pytest.mark.parametrize("mode", ["apply", "materialize"])
+def test_layer_recursion_equals_x_times_dense_in_float32(mode):
+    layer = layer_of(mode)
+    x = np.random.default_rng(10).normal(size=(4, N)).astype("float32")
+    expected = x.astype(np.float64) @ layer.node.to_dense(layer_values(layer))
+    y = np.asarray(ops.convert_to_numpy(layer(x)), np.float64)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_layer_picks_the_recursion_for_a_big_matrix_at_batch_one():
+    node = parse("sss(p=16, d=16)", 4096, 4096).stages[0]
+    assert node.flops(1, "apply") < node.flops(1, "materialize")
+
+
+@pytest.mark.parametrize("mode", ["apply", "materialize"])
+def test_every_stage_matrix_gets_a_gradient(mode):
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the gradient helper here uses tf.GradientTape")
+    layer = layer_of(mode)
+    x = tf.constant(np.random.default_rng(11).normal(size=(3, N)).astype("float32"))
+    r = tf.constant(np.random.default_rng(12).normal(size=(3, M)).astype("float32"))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x) * r)
+    grads = tape.gradient(loss, layer.trainable_variables)
+    names = [v.path for v in layer.trainable_variables]
+    assert len(names) == len(layer.node.param_shapes()) == 6 + 4 * 5 + 2 * 4
+    for name, g in zip(names, grads):
+        assert g is not None and np.any(np.asarray(g) != 0), f"no gradient reaches {name}"
+    # and the gradient is the right one: d loss / d W = x^T r, chained through the stage matrices
+    kernel = x.numpy().T.astype(np.float64) @ r.numpy().astype(np.float64)
+    theta = layer_values(layer)
+    rng = np.random.default_rng(13)
+    for (key, variable), g in zip(layer.decomposition_variables.items(), grads):
+        direction = rng.normal(size=theta[key].shape)
+        eps = 1e-4
+        plus = layer.node.to_dense({**theta, key: theta[key] + eps * direction})
+        minus = layer.node.to_dense({**theta, key: theta[key] - eps * direction})
+        expected = np.sum((plus - minus) / (2 * eps) * kernel)
+        actual = float(np.sum(np.asarray(g, np.float64) * direction))
+        assert abs(actual - expected) <= 1e-4 * max(1.0, abs(expected)), key
+
+
+def test_decompose_replaces_a_trained_dense_layer_exactly_when_d_suffices():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(10, name="hidden", activation="relu"),
+                              keras.layers.Dense(3)])
+    report = {}
+    small = keras_decomp.decompose(model, {"hidden": "sss(p=3, d=4)"}, report=report)  # Hankel ranks <= 4
+    assert report["hidden"] < 1e-6
+    x = np.random.default_rng(14).normal(size=(5, 12)).astype("float32")
+    np.testing.assert_allclose(ops.convert_to_numpy(small(x)), ops.convert_to_numpy(model(x)), atol=1e-5)
+    assert math.isclose(small.layers[0].node.num_params, parse("sss(p=3, d=4)", 12, 10).num_params)
