@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv test test-slow demo clean-venv
 
 venv: $(STAMP)
 
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
+# The default run leaves out tests marked slow (multi-process training, SIGKILL-and-resume,
+# the whole layer harness again under JAX); `make test-slow` runs just those, CI runs both.
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
 
 # The main job: train the default spec (a linear model on 100 low 2-D DCT coefficients) on the
 # Fashion-MNIST subset shipped in the package, then write runs/demo/model.keras and report.json.
