@@ -180,7 +180,10 @@ def _solve_linear(W, node, values, fixed, keys) -> dict:
 def solve_block(target, node, values, fixed, key) -> dict:
     """Exact least squares for the one parameter array ``key``, all else fixed,
     walking down the tree so no design matrix is formed where the structure
-    gives a closed form."""
+    gives a closed form.  A structure may give its own (``node.solve_block``)."""
+    own = getattr(node, "solve_block", None)
+    if own is not None and key in node.own_params():
+        return own(target, key, values)
     if isinstance(node, Dense) and node.key == key:
         return {key: target}
     if isinstance(node, Diag) and node.key == key:
