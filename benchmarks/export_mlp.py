@@ -1,8 +1,9 @@
 """Batch-1 TFLite latency and file size of the MLP 784-1024-1024-10: dense, folded, factored.
 
 The two hidden layers (784 -> 1024 and 1024 -> 1024) are plain ``keras.layers.Dense``, or
-``sss(p=16, d=8)``, or ``lowrank(r=48)`` (about the same parameter count as the SSS pair);
-the output layer (1024 -> 10) stays dense. Each decomposed model is exported twice with
+``sss(p=16, d=8)``, or ``lowrank(r=48)`` or ``sparse(q=2, s=48)`` (about the same parameter
+count as the SSS pair; the sparse factors also store one int32 index per value); the output
+layer (1024 -> 10) stays dense. Each decomposed model is exported twice with
 ``keras_decomp.export``: folded (each W one constant: the file is a dense model) and factored
 (the apply form: SSS recursions, x u then v). Every file runs in the LiteRT interpreter, one
 thread, batch 1 (XNNPACK, the interpreter's default CPU path).
@@ -42,7 +43,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-HIDDEN = {"sss": "sss(p=16, d=8)", "lowrank": "lowrank(r=48)"}
+HIDDEN = {"sss": "sss(p=16, d=8)", "lowrank": "lowrank(r=48)", "sparse": "sparse(q=2, s=48)"}
 SIZES = (784, 1024, 1024, 10)
 
 

@@ -175,7 +175,7 @@ class _Decomposed(keras.layers.Layer):
         """A fixed array, stored as ``fixed_dtype`` if given, else cast once here to the
         compute dtype (the values ``_values`` would otherwise cast to at every step)."""
         if np.issubdtype(array.dtype, np.integer):
-            value = array
+            value = array.astype(np.int32)  # indices; JAX without x64 would truncate int64, warning
         elif self.fixed_dtype:
             value = np.asarray(array, dtype=self.fixed_dtype)
         else:

@@ -2,11 +2,13 @@
 
 Every structure that parses gets a small classifier, Flatten -> Dense(64, W=expr, relu) ->
 Dense(10, softmax), freshly initialised (seed 0), exported folded and factored and compared
-with Keras on 500 test images of the bundled Fashion-MNIST subset: the outputs compared are
-the class probabilities. A structure whose module is not there is skipped with the parser's
-reason ("not available in this version yet"), so the table grows by itself. Quantisation, the command line
-use classifiers trained for one epoch. The size tests guard against the
-converter folding a factored form back into a dense kernel.
+with Keras on 500 test images of the bundled Fashion-MNIST subset. The outputs compared are the
+class probabilities: on the logits (up to about 5 here) the float32 differences between
+TensorFlow's and XNNPACK's summation orders reach 7e-6, too close to 1e-5 to hold on every CPU.
+A structure whose module is missing is skipped with the parser's reason ("not available in this
+version yet"), so the table grows by itself. Quantisation and the command line use classifiers
+trained for one epoch. The size tests guard against the converter folding a factored form back
+into a dense kernel, and check that ``stored_entries`` predicts the file.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ STRUCTURES = {
     "sparse": "sparse(q=2, s=8)",
     "butterfly": "P[:64] butterfly()",
     "tri": "tri(k=16)",
+    "transpose": "lowrank(r=8)'",  # no apply of its own: factored stores W^T, and says so
 }
 
 pytestmark = pytest.mark.filterwarnings(
@@ -153,8 +156,8 @@ def test_full_int8_with_representative_data(trained, data, images, folder):
     report = export(model, folder / "int8.tflite", mode="folded", quantize="int8",
                     representative_data=calibration, sample=images)
     print(f"full int8: top-1 agreement {report['top1_agreement']:.3f}, {report['bytes']} bytes "
-          f"(float {float_bytes})")
-    assert report["top1_agreement"] >= 0.9, report  # a loose bound: activations are int8 too
+          f"(float {float_bytes})")  # -s shows it
+    assert report["top1_agreement"] >= 0.9, report  # a loose bound: the activations are int8 too
     assert report["bytes"] < 0.5 * float_bytes
 
 
