@@ -163,22 +163,7 @@ def inference_model(model, forms: dict[str, str]):
                 new.bias.assign(keras.ops.convert_to_numpy(old.bias))
         else:
             new.set_weights(old.get_weights())
-        if isinstance(new, _Decomposed):
-            _narrow_indices(new)
     return copy
-
-
-def _narrow_indices(layer) -> None:
-    """Integer fixed arrays (sparse supports, permutations) as int32: the file then
-    keeps 4 bytes per index instead of 8, like every other number in it."""
-    import keras
-
-    arrays = layer._fixed.arrays
-    for key, variable in arrays.items():
-        value = keras.ops.convert_to_numpy(variable)
-        if value.dtype == np.int64 and (value.size == 0 or np.abs(value).max() < 2 ** 31):
-            arrays[key] = keras.Variable(value.astype(np.int32), dtype="int32", trainable=False,
-                                         name=key.replace(".", "_"))
 
 
 def folded_kernel(layer) -> np.ndarray:
@@ -245,7 +230,7 @@ def export(model, path, format: str = "tflite", mode: str = "auto", quantize: st
     path = Path(path)
     sample = _sample(model, sample)
     report = {"path": str(path), "format": format, "mode": mode, "quantize": quantize, "forms": forms,
-              "parameters_stored": _stored(prepared, forms, model)}
+              "parameters_stored": _stored(forms, model, format)}
     if format == "saved_model":
         prepared.export(str(path), format="tf_saved_model", verbose=False)
         report["bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -263,15 +248,23 @@ def export(model, path, format: str = "tflite", mode: str = "auto", quantize: st
     return report
 
 
-def _stored(prepared, forms, model) -> int:
+def _stored(forms, model, format: str) -> int:
+    """Numbers the file keeps.  A TFLite file: what the converter leaves (see
+    ``layer_entries``); a SavedModel keeps a factored layer's variables as they
+    are, every fixed array included, and folds nothing."""
     from .layers import _Decomposed
     total = 0
     for layer in model.layers:
-        if isinstance(layer, _Decomposed) and forms.get(layer.name) == "factored":
-            total += layer_entries(layer) + (layer.bias.shape[0] if layer.bias is not None else 0)
+        if not isinstance(layer, _Decomposed):
+            total += layer.count_params()
+            continue
+        bias = layer.bias.shape[0] if layer.bias is not None else 0
+        if forms.get(layer.name) != "factored":
+            total += math.prod(layer.node.shape) + bias
+        elif format == "tflite":
+            total += layer_entries(layer) + bias
         else:
-            total += layer.count_params() if not isinstance(layer, _Decomposed) else \
-                math.prod(layer.node.shape) + (layer.bias.shape[0] if layer.bias is not None else 0)
+            total += layer.node.num_params + sum(math.prod(a.shape) for a in layer._fixed.arrays.values()) + bias
     return total
 
 

@@ -187,6 +187,7 @@ def test_saved_model_reloads_and_matches(structure, mode, fresh, images, folder)
     path = folder / f"saved_{structure.replace(' ', '_')}_{mode}"
     report = export(model, path, format="saved_model", mode=mode, sample=images)
     assert report["max_abs_diff"] <= 1e-5 and report["top1_agreement"] == 1.0, report
+    assert report["bytes"] >= 4 * report["parameters_stored"]  # a SavedModel folds nothing
     reloaded = keras.layers.TFSMLayer(str(path), call_endpoint="serve")
     got = np.asarray(reloaded(images))
     np.testing.assert_allclose(got, np.asarray(model(images)), atol=1e-5, rtol=0)
