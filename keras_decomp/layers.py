@@ -54,7 +54,9 @@ def tying():
 
 
 def load_model(path, **kwargs):
-    """``keras.saving.load_model`` that keeps named parameters tied across layers."""
+    """``keras.saving.load_model`` that keeps named parameters tied across layers
+    and knows every layer class of the package (pruned layers included)."""
+    from . import prune  # noqa: F401 - registers PrunedDense
     with tying():
         return keras.saving.load_model(path, **kwargs)
 
