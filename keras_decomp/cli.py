@@ -172,9 +172,9 @@ def _export_trained(spec, out, source) -> None:
 
     model = load_model(f"{out}/model.keras")
     data = load_data(spec, source)
-    sample, labels = data.x_test[:500].astype("float32") / 255.0, data.y_test[:500]
-    train = data.x_train[:300].astype("float32") / 255.0
-    reports = export_from_spec(model, spec.export, out, sample=sample, labels=labels, representative_data=train)
+    sample, labels, calibration = _export_inputs(data)
+    reports = export_from_spec(model, spec.export, out, sample=sample, labels=labels,
+                               representative_data=calibration)
     path = f"{out}/report.json"
     with open(path) as f:
         full = json.load(f)
@@ -207,8 +207,7 @@ def _export(args) -> int:
             raise DecompError(f"--data {args.data}: the model takes inputs of shape {tuple(model.input_shape[1:])}, "
                               f"the data set's images are {data.input_shape}",
                               hint="leave out --data to compare on random inputs")
-        sample, labels = data.x_test[:500].astype("float32") / 255.0, data.y_test[:500]
-        calibration = data.x_train[:300].astype("float32") / 255.0
+        sample, labels, calibration = _export_inputs(data)
     for fmt, path in targets:
         if path:
             report = export(model, path, format=fmt, mode=args.mode,
@@ -218,17 +217,31 @@ def _export(args) -> int:
     return 0
 
 
-def _compress(args) -> int:
-    from pathlib import Path
+def _export_inputs(data):
+    """500 test images (scaled as in training) and their labels to check an export
+    on, and 300 training images to calibrate int8 with."""
+    scale = lambda images: images.astype("float32") / 255.0  # noqa: E731
+    return scale(data.x_test[:500]), data.y_test[:500], scale(data.x_train[:300])
 
-    from .compress import accuracy_on, comparison, decompose
-    from .layers import load_model
+
+def _model_paths(args, what: str):
+    """The model to read and the .keras file to write, checked before any work."""
+    from pathlib import Path
 
     source, out = Path(args.model), Path(args.out)
     if not source.is_file():
         raise DecompError(f"{source}: no such model file")
     if out.suffix != ".keras":
-        raise DecompError(f"--out {out}: the new model is saved as a .keras file", hint=f"e.g. --out {out.stem}.keras")
+        raise DecompError(f"--out {out}: the {what} model is saved as a .keras file",
+                          hint=f"e.g. --out {out.stem}.keras")
+    return source, out
+
+
+def _compress(args) -> int:
+    from .compress import accuracy_on, comparison, decompose
+    from .layers import load_model
+
+    source, out = _model_paths(args, "new")
     expressions = {}
     for name, expression in args.layer:
         if name in expressions:
@@ -255,19 +268,12 @@ def _compress(args) -> int:
 
 
 def _prune(args) -> int:
-    from pathlib import Path
-
     from .compress import accuracy_on
     from .layers import load_model
     from .prune import mask_sparsity, prune, strip
     from .training import compile_model
 
-    source, out = Path(args.model), Path(args.out)
-    if not source.is_file():
-        raise DecompError(f"{source}: no such model file")
-    if out.suffix != ".keras":
-        raise DecompError(f"--out {out}: the pruned model is saved as a .keras file",
-                          hint=f"e.g. --out {out.stem}.keras")
+    source, out = _model_paths(args, "pruned")
     if args.fine_tune_epochs and args.data == "none":
         raise DecompError("--fine-tune-epochs needs data", hint="drop --data none")
     ranks = int(args.ranks) if args.ranks is not None and args.ranks.is_integer() else args.ranks

@@ -111,6 +111,26 @@ class _Decomposed(keras.layers.Layer):
         self.fitted = {key: np.asarray(a).tolist() for key, a in (fitted or {}).items()}
         self.node = None
 
+    def _init_output(self, activation, use_bias, bias_initializer, bias_regularizer, bias_constraint):
+        """The activation and bias arguments both layers share with Keras's own."""
+        self.activation = keras.activations.get(activation)
+        self.use_bias = use_bias
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+
+    def _build_bias(self, size: int) -> None:
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(size,), initializer=self.bias_initializer,
+                                        regularizer=self.bias_regularizer, constraint=self.bias_constraint)
+
+    def _output_config(self) -> dict:
+        return {"activation": keras.activations.serialize(self.activation), "use_bias": self.use_bias,
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+                "bias_constraint": keras.constraints.serialize(self.bias_constraint)}
+
     def _symbols(self) -> dict:
         """Symbols the layer binds for its expression (the user's params win)."""
         return {}
@@ -255,11 +275,7 @@ class Dense(_Decomposed):
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
             raise DecompError(f"layer '{self.name}': units must be a positive integer, got {units!r}")
         self.units = units
-        self.activation = keras.activations.get(activation)
-        self.use_bias = use_bias
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self._init_output(activation, use_bias, bias_initializer, bias_regularizer, bias_constraint)
         self._init_decomposition(W, params, seed, mode, stage, fixed_dtype, tied, fixed, fitted)
 
     def build(self, input_shape):
@@ -267,10 +283,7 @@ class Dense(_Decomposed):
         if n is None:
             raise DecompError(f"layer '{self.name}': the last input dimension must be known")
         self._build_decomposition(int(n), self.units)
-        self.bias = None
-        if self.use_bias:
-            self.bias = self.add_weight(name="bias", shape=(self.units,), initializer=self.bias_initializer,
-                                        regularizer=self.bias_regularizer, constraint=self.bias_constraint)
+        self._build_bias(self.units)
 
     def call(self, inputs):
         x = ops.cast(inputs, self.compute_dtype)
@@ -290,10 +303,7 @@ class Dense(_Decomposed):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units,
-                "activation": keras.activations.serialize(self.activation), "use_bias": self.use_bias,
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-                "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-                "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+                **self._output_config(),
                 **self._decomposition_config()}
 
 
@@ -324,11 +334,7 @@ class Conv2D(_Decomposed):
             raise DecompError(f"layer '{self.name}': padding must be 'valid' or 'same', got {padding!r}")
         self.padding = padding
         self.data_format = keras.backend.image_data_format() if data_format is None else data_format
-        self.activation = keras.activations.get(activation)
-        self.use_bias = use_bias
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self._init_output(activation, use_bias, bias_initializer, bias_regularizer, bias_constraint)
         self._init_decomposition(W, params, seed, mode, stage, fixed_dtype, tied, fixed, fitted)
 
     def _channels(self, input_shape) -> int:
@@ -345,10 +351,7 @@ class Conv2D(_Decomposed):
         self.cin = self._channels(input_shape)
         kh, kw = self.kernel_size
         self._build_decomposition(kh * kw * self.cin, self.filters)
-        self.bias = None
-        if self.use_bias:
-            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer=self.bias_initializer,
-                                        regularizer=self.bias_regularizer, constraint=self.bias_constraint)
+        self._build_bias(self.filters)
 
     def _conv(self, x, matrix, out_channels):
         kernel = ops.reshape(matrix, self.kernel_size + (self.cin, out_channels))
@@ -398,10 +401,7 @@ class Conv2D(_Decomposed):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
                 "strides": self.strides, "padding": self.padding, "data_format": self.data_format,
                 "dilation_rate": self.dilation_rate,
-                "activation": keras.activations.serialize(self.activation), "use_bias": self.use_bias,
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-                "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-                "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+                **self._output_config(),
                 **self._decomposition_config()}
 
 
