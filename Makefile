@@ -28,7 +28,8 @@ test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
 
 # The main job: train the default spec (a linear model on 100 low 2-D DCT coefficients) on the
-# Fashion-MNIST subset shipped in the package, then write runs/demo/model.keras and report.json.
+# Fashion-MNIST subset shipped in the package, export it to TFLite (checked with LiteRT), and
+# write runs/demo/model.keras, model.tflite and report.json.
 demo: venv
 	$(BIN)/keras-decomp train specs/linear_dct.yaml --data bundled --out runs/demo
 
