@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-slow demo clean-venv
+.PHONY: venv test test-slow demo clean-venv fuzz
 
 venv: $(STAMP)
 
@@ -35,3 +35,9 @@ demo: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Coverage-guided fuzzing of the parser with atheris for FUZZ_TIME seconds (RELIABILITY.md);
+# without atheris (pip install -e '.[fuzz]') the same target runs as a plain random loop.
+FUZZ_TIME ?= 60
+fuzz: venv
+	$(BIN)/python fuzz/parser_atheris.py -max_total_time=$(FUZZ_TIME)

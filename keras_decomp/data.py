@@ -107,6 +107,10 @@ class Data:
         for what, value in (("batch_size", batch_size), ("limit", limit)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise DecompError(f"{what} must be a positive integer, got {value!r}")
+        self.check_finite(limit)
+
+        def scale(images, labels):  # a named function: AutoGraph cannot convert a lambda here
+            return tf.cast(images, tf.float32) / 255.0, labels
 
         def pipeline(x, y, shuffled):
             x, y = x[:limit], y[:limit]
@@ -114,13 +118,25 @@ class Data:
             if shuffled:
                 ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
             # Scale whole batches: one op per batch instead of one per image.
-            ds = ds.batch(batch_size).map(
-                lambda images, labels: (tf.cast(images, tf.float32) / 255.0, labels),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            ds = ds.batch(batch_size).map(scale, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             return ds.prefetch(tf.data.AUTOTUNE)
 
         return (pipeline(self.x_train, self.y_train, shuffle),
                 pipeline(self.x_test, self.y_test, False))
+
+    def check_finite(self, limit: int | None = None) -> None:
+        """Refuse images with NaN or infinite values (possible when a ``Data`` is made from
+        float arrays): trained on, they would give a NaN model without a word."""
+        for split in ("x_train", "x_test"):
+            x = np.asarray(getattr(self, split)[:limit])
+            if np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.bool_):
+                continue
+            finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+            if not finite.all():
+                bad = np.flatnonzero(~finite)
+                raise DecompError(f"{self.name} ({self.source}): {split} holds NaN or infinite values in "
+                                  f"{len(bad)} image(s), the first at index {bad[0]}",
+                                  hint="repair or drop those images before training or evaluating")
 
 
 def load(name: str = "fashion_mnist", source: str = "auto", data_dir=None) -> Data:

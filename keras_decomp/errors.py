@@ -37,10 +37,11 @@ class DecompError(ValueError):
         return "\n".join(lines)
 
     def located(self, text: str, pos: int | None) -> "DecompError":
-        """The same error, shown under ``text`` at ``pos`` unless it already has a place."""
+        """The same error, shown under ``text`` (the line holding the culprit) at column ``pos``,
+        unless it is already shown; ``self.pos`` stays where no column is given."""
         if self.text is not None:
             return self
-        pos = self.pos if self.pos is not None else pos
+        pos = pos if pos is not None else self.pos
         return type(self)(self.fact, text=text, pos=pos, hint=self.hint)
 
 

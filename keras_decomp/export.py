@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .errors import DecompError
 from .fixed import FixedLeaf
 from .ir import Add, Kron, Node, Product, Scale, Slice, Tile, Transpose
@@ -239,9 +240,7 @@ def export(model, path, format: str = "tflite", mode: str = "auto", quantize: st
         return report
     content = _convert(prepared, quantize, representative_data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(content)
-    tmp.replace(path)
+    atomic.write_bytes(path, content)
     report["bytes"] = len(content)
     if check:
         report.update(check_tflite(path, model, sample, labels))

@@ -10,6 +10,8 @@ process.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
 import os
 import zlib
@@ -65,10 +67,18 @@ def memory_limit() -> int:
 def check_memory(entries: int, what: str, pos: int | None = None) -> None:
     """Refuse, before allocating, what would not fit in memory."""
     if entries > memory_limit():
-        gib = entries * 8 / 2 ** 30
-        raise ShapeError(f"{what} would need {entries:,} numbers ({gib:,.1f} GiB), more than this machine "
+        # sizes from symbols such as d=1e308 are integers too large for a float: no division
+        count, gib = (f"{entries:,}", f"{entries * 8 / 2 ** 30:,.1f}") if entries < 10 ** 30 else \
+            (f"about 10^{len(str(entries)) - 1}", f"about 10^{len(str(entries * 8 // 2 ** 30)) - 1}")
+        raise ShapeError(f"{what} would need {count} numbers ({gib} GiB), more than this machine "
                          f"allows ({memory_limit() * 8 / 2 ** 30:,.1f} GiB)", pos=pos,
                          hint="use fewer or smaller terms, or set KERAS_DECOMP_MAX_BYTES to allow more")
+
+
+# Draws of one sub-expression a stage may make in all (``sum`` inside ``sum`` multiplies): each is
+# a Python object with its own random stream, which the memory guard does not count; the paper's
+# largest layer makes 1600 (sum(tile(D, n=8), n=200)).
+MAX_DRAWS = 10_000
 
 
 def atom_order(stage: s.Ast) -> dict[int, int]:
@@ -103,18 +113,7 @@ def check_names(ast: s.Ast, declared: Mapping) -> None:
         check_names(child, declared)
 
 
-def _syntax_children(ast: s.Ast) -> tuple[s.Ast, ...]:
-    if isinstance(ast, s.Call):
-        return ast.args
-    if isinstance(ast, s.Add):
-        return ast.terms
-    if isinstance(ast, s.Product):
-        return ast.factors
-    if isinstance(ast, s.Scale):
-        return (ast.child, ast.factor)
-    if isinstance(ast, (s.Transpose, s.Slice)):
-        return (ast.child,)
-    return ()
+_syntax_children = s.children
 
 
 class Lowering:
@@ -129,6 +128,27 @@ class Lowering:
         self.declared = declared
         self.stage = stage
         self.names: dict[str, tuple] = {}  # name -> (use, shape): one name, one shape
+        self.multiplicity = 1  # how many times the sub-expression being lowered is drawn
+
+    @contextlib.contextmanager
+    def draws(self, count: int, entries: int, what: str, pos: int):
+        """Lower ``count`` draws of a sub-expression of ``entries`` numbers each; refused before
+        anything is made if all the draws so far would not fit (``sum`` in ``sum`` multiplies)."""
+        total = self.check_draws(count, entries, what, pos)
+        outer, self.multiplicity = self.multiplicity, total
+        try:
+            yield
+        finally:
+            self.multiplicity = outer
+
+    def check_draws(self, count: int, entries: int, what: str, pos: int) -> int:
+        """The draws in all if ``count`` more of ``entries`` numbers each fit, else an error."""
+        total = self.multiplicity * count
+        if total > MAX_DRAWS:
+            raise ShapeError(f"{what} would make {total:,} draws in all, more than {MAX_DRAWS:,}", pos=pos,
+                             hint="use fewer draws, or nest sum(), tile() and sparse() less deeply")
+        check_memory(total * entries, what, pos=pos)
+        return total
 
     # ---- keys --------------------------------------------------------------
     def index(self, ast: s.Ast) -> int:
@@ -162,7 +182,8 @@ class Lowering:
 
     def integer(self, value, pos: int, what: str, least: int = 1) -> int:
         value = self.resolve(value, pos, what)
-        if isinstance(value, bool) or not float(value).is_integer() or value < least:
+        whole = isinstance(value, numbers.Integral) or math.isfinite(value) and float(value).is_integer()
+        if isinstance(value, bool) or not whole or value < least:
             raise ArgumentError(f"{what} must be an integer >= {least}, got {value!r}", pos=pos)
         return int(value)
 

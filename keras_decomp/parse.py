@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import syntax as s
@@ -31,6 +31,11 @@ _TOKEN_WORDS = {
 }
 
 _COMMENT = re.compile(r"#[^\n]*")
+
+# Lowering, the IR and the layers walk the tree recursively: an expression may nest this deep
+# (a sum or a product is one level however long; each call, scaling, transpose and slice is one
+# more; hand-written expressions nest fewer than 10).
+MAX_DEPTH = 50
 
 
 def grammar_text() -> str:
@@ -52,8 +57,9 @@ def _pos(meta_or_token) -> int:
 
 
 @v_args(inline=True, meta=True)
-class _ToSyntax(Transformer):
-    """Maps lark rules straight onto syntax dataclasses."""
+class _ToSyntax(Transformer_NonRecursive):
+    """Maps lark rules straight onto syntax dataclasses; non-recursive, so that a
+    long sum (a left-deep lark tree) cannot exhaust Python's stack."""
 
     def start(self, meta, *items):
         target = str(items[0]) if isinstance(items[0], Token) else None
@@ -133,7 +139,9 @@ class _ToSyntax(Transformer):
 def _value(token: Token) -> float | int | str:
     if token.type == "NUMBER":
         text = str(token)
-        return int(text) if text.isdigit() else float(text)
+        # a longer run of digits is read as a float (inf past 1e308): Python refuses to convert
+        # integers of over 4300 digits, and float() of one of over 308 overflows
+        return int(text) if text.isdigit() and len(text) <= 300 else float(text)
     return str(token)
 
 
@@ -170,10 +178,24 @@ def parse_syntax(text: str) -> s.Expression:
     except UnexpectedInput as err:
         raise _syntax_error(text, err) from None
     for stage in stages:
+        _check_depth(text, stage)
         if isinstance(stage, s.Number):
             raise ParseError("a stage cannot be just a number", text=text, pos=stage.pos,
                              hint="write a matrix expression, e.g. '2 * dense'")
     return s.Expression(text, target, stages)
+
+
+def _check_depth(text: str, stage: s.Ast) -> None:
+    """Refuse a tree nested deeper than MAX_DEPTH, with a caret under the first node too deep
+    (walked with an explicit stack: the check itself must not recurse)."""
+    todo = [(stage, 1)]
+    while todo:
+        ast, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise ParseError(f"the expression nests more than {MAX_DEPTH} levels deep", text=_line(text, ast.pos),
+                             pos=_col(text, ast.pos), hint="write it flatter: long sums and products are fine, "
+                                                           "deeply nested calls, transposes and slices are not")
+        todo.extend((child, depth + 1) for child in s.children(ast))
 
 
 def _syntax_error(text: str, err: UnexpectedInput) -> ParseError:

@@ -3,7 +3,7 @@
 A spec names its layers by Keras's own class names and arguments, and adds
 ``W:`` where a kernel is decomposed.  Layers are made by Keras's
 deserialisation, so any Keras layer works without new code here.  YAML is read
-with ``safe_load`` only.  Every error names the file, line and key path:
+with ``safe_load`` only (yaml_source.py).  Every error names the file, line and key path:
 ``specs/x.yaml:7 layers[1].Conv2D.W: ...``.
 
 >>> model = build('''
@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import re
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import yaml
 
 from .data import DATASETS, SOURCES
 from .errors import DecompError, SpecError
+from .yaml_source import read_text, read_yaml
 
 TOP_KEYS = ("name", "description", "seed", "input", "params", "fixed", "layers", "data", "train",
-            "stages", "export")
+            "stages", "export", "reference")
 TRAIN_KEYS = ("batch_size", "optimizer", "learning_rate", "epochs", "loss", "from_logits", "metrics")
 STAGE_KEYS = ("epochs", "learning_rate", "batch_size")
 DATA_KEYS = ("name", "source", "limit")
@@ -75,6 +75,7 @@ class Spec:
     source: str = "<spec>"
     folder: Path = field(default_factory=Path.cwd)
     lines: dict = field(default_factory=dict, repr=False, compare=False)
+    reference: Path | None = None  # the dense reference's spec file (``reference:``), for sweeps
 
     @property
     def num_stages(self) -> int:
@@ -94,8 +95,15 @@ class Spec:
         return SpecError(f"{where} {path}: {message}" if path else f"{where}: {message}", hint=hint)
 
 
-def load_spec(spec) -> Spec:
-    """A YAML path, YAML text or dict -> a checked ``Spec``."""
+def load_spec(spec, allow_files_outside: bool = False) -> Spec:
+    """A YAML path, YAML text or dict -> a checked ``Spec``.
+
+    A ``fixed: {C: {file: basis.npy}}`` file must lie under the spec's folder (the
+    working directory for YAML text or a dict), so that a spec from elsewhere cannot
+    read arbitrary files; ``allow_files_outside=True`` (``keras-decomp train
+    --allow-files-outside``) lifts that for a spec you trust.  Files are read with
+    ``numpy.load(allow_pickle=False)`` either way.
+    """
     source, folder, lines = "<spec>", Path.cwd(), {}
     if isinstance(spec, Spec):
         return spec
@@ -104,41 +112,15 @@ def load_spec(spec) -> Spec:
         if not path.is_file():
             near = _nearest(path.name, [p.name for p in path.parent.glob("*.y*ml")]) if path.parent.is_dir() else None
             raise SpecError(f"{path}: no such spec file", hint=near)
-        source, folder, text = str(path), path.resolve().parent, path.read_text()
-        data, lines = _read_yaml(text, source)
+        source, folder, text = str(path), path.resolve().parent, read_text(path)
+        data, lines = read_yaml(text, source)
     elif isinstance(spec, str):
-        data, lines = _read_yaml(spec, source)
+        data, lines = read_yaml(spec, source)
     elif isinstance(spec, dict):
         data = spec
     else:
         raise SpecError(f"a spec is a YAML path, YAML text or a dict, not {type(spec).__name__}")
-    return _check(data, source, folder, lines)
-
-
-def _read_yaml(text: str, source: str) -> tuple[Any, dict]:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise SpecError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    lines: dict[str, int] = {}
-    if node is not None:
-        _record_lines(node, "", lines)
-    return data, lines
-
-
-def _record_lines(node, path: str, lines: dict) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            sub = f"{path}.{key.value}" if path else str(key.value)
-            lines[sub] = key.start_mark.line + 1
-            _record_lines(value, sub, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _record_lines(item, f"{path}[{i}]", lines)
+    return _check(data, source, folder, lines, allow_files_outside)
 
 
 def _nearest(word: str, choices) -> str | None:
@@ -146,7 +128,7 @@ def _nearest(word: str, choices) -> str | None:
     return f"did you mean '{match[0]}'?" if match else None
 
 
-def _check(data, source, folder, lines) -> Spec:
+def _check(data, source, folder, lines, allow_files_outside=False) -> Spec:
     probe = Spec("", 0, (), {}, {}, (), {}, {}, (), {}, source, folder, lines)
     if not isinstance(data, dict):
         raise probe.error("", f"a spec must be a mapping of keys, got {type(data).__name__}",
@@ -172,11 +154,12 @@ def _check(data, source, folder, lines) -> Spec:
         _known_keys(probe, stage, f"stages[{i}]", STAGE_KEYS)
     export = _typed(probe, data, "export", dict, {})
     _check_export(probe, export)
-    fixed = _check_fixed(probe, _typed(probe, data, "fixed", dict, {}), folder)
+    fixed = _check_fixed(probe, _typed(probe, data, "fixed", dict, {}), folder, allow_files_outside)
     input_shape = _check_input(probe, data, data_cfg)
     layers = _check_layers(probe, data)
     spec = Spec(name, seed, input_shape, params, fixed, layers, data_cfg, train, tuple(stages), export,
-                source, folder, lines)
+                source, folder, lines,
+                reference=_check_reference(probe, _typed(probe, data, "reference", str, None), folder))
     if stages and len(stages) != spec.num_stages:
         raise spec.error("stages", f"{len(stages)} stage entries, but the layers have {spec.num_stages} "
                                    "'|' stage(s)", "give one entry per stage of the longest expression")
@@ -204,7 +187,7 @@ def _known_keys(spec, mapping, path, valid, choices=None):
             hint = ("YAML reads 1e-3 as text: write 1.0e-3" if isinstance(value, str) and
                     re.fullmatch(r"[-+]?[0-9.]+e[-+]?[0-9]+", value) else None)
             raise spec.error(f"{path}.{key}", f"must be {what}, got {value!r}", hint)
-        if key in (choices or {}) and value not in choices[key]:
+        if key in (choices or {}) and value not in list(choices[key]):  # a list or dict value is unhashable
             raise spec.error(f"{path}.{key}", f"unknown {key} {value!r}",
                              _nearest(value, choices[key]) or "one of: " + ", ".join(choices[key]))
 
@@ -215,6 +198,17 @@ def _optimizers() -> list[str]:
 
     names = [n for n in dir(keras.optimizers) if n[:1].isupper() and n not in ("Optimizer", "LossScaleOptimizer")]
     return [n.lower() for n in names] + names
+
+
+def _check_reference(spec, reference, folder: Path) -> Path | None:
+    """``reference: linear_dense.yaml``: the dense reference's spec, beside this one.  Whether
+    it exists is checked where it is used (``sweep``): a spec copied alone still loads."""
+    if reference is None:
+        return None
+    if not reference.endswith((".yaml", ".yml")):
+        raise spec.error("reference", f"must name a spec file (.yaml), got {reference!r}",
+                         "e.g. reference: linear_dense.yaml")
+    return folder / reference
 
 
 def _check_export(spec, export) -> None:
@@ -231,7 +225,7 @@ def _check_export(spec, export) -> None:
             raise spec.error(f"export.{fmt}.quantize", f"must be dynamic or int8, got {options['quantize']!r}")
 
 
-def _check_fixed(spec, fixed, folder) -> dict:
+def _check_fixed(spec, fixed, folder, allow_outside=False) -> dict:
     out = {}
     for name, decl in fixed.items():
         path = f"fixed.{name}"
@@ -242,7 +236,7 @@ def _check_fixed(spec, fixed, folder) -> dict:
             raise spec.error(path, "declare a fixed matrix as {basis: R} or {file: basis.npy}",
                              _nearest(key, ("basis", "file")) if key is not None else None)
         if "file" in decl:
-            out[name] = {"file": str(_inside(spec, f"{path}.file", folder, decl["file"]))}
+            out[name] = {"file": str(_basis_file(spec, f"{path}.file", folder, decl["file"], allow_outside))}
         elif decl["basis"] not in DECLARABLE:
             raise spec.error(f"{path}.basis", f"unknown basis {decl['basis']!r}",
                              _nearest(decl["basis"], DECLARABLE) or "a declared basis is one of " + ", ".join(DECLARABLE))
@@ -251,12 +245,14 @@ def _check_fixed(spec, fixed, folder) -> dict:
     return out
 
 
-def _inside(spec, path, folder: Path, file) -> Path:
-    """A basis file must lie under the spec's folder."""
+def _basis_file(spec, path, folder: Path, file, allow_outside=False) -> Path:
+    """A basis file: under the spec's folder unless ``allow_outside``; a 2-D array of
+    finite numbers in .npy format (never a pickle)."""
     target = (folder / str(file)).resolve()
-    if folder.resolve() not in target.parents:
+    if not allow_outside and folder.resolve() not in target.parents:
         raise spec.error(path, f"the file {file} lies outside the spec's folder {folder}",
-                         "put basis files beside the spec")
+                         "put basis files beside the spec, or allow it for a spec you trust: "
+                         "load_spec(path, allow_files_outside=True), keras-decomp train --allow-files-outside")
     if not target.is_file():
         raise spec.error(path, f"no such file: {target}")
     try:
@@ -265,6 +261,11 @@ def _inside(spec, path, folder: Path, file) -> Path:
         raise spec.error(path, f"{file} is not a .npy array file: {_first_line(err)}", "save it with numpy.save") from None
     if matrix.ndim != 2:
         raise spec.error(path, f"{file} holds an array of shape {matrix.shape}, not a matrix")
+    if not np.issubdtype(matrix.dtype, np.number) or np.issubdtype(matrix.dtype, np.complexfloating):
+        raise spec.error(path, f"{file} holds {matrix.dtype} values, not real numbers")
+    bad = int(matrix.size - np.count_nonzero(np.isfinite(matrix)))
+    if bad:
+        raise spec.error(path, f"{file} holds {bad} NaN or infinite entries", "a basis must be finite")
     return target
 
 
@@ -365,10 +366,12 @@ def build(spec, stage: int = 0) -> "keras.Model":
         inputs = x = keras.Input(spec.input_shape)
         for index, layer in enumerate(spec.layers):
             made = None
+            if "W" not in layer.config:  # an expression's layer checks its own sizes
+                _check_plain_size(spec, layer, tuple(x.shape))
             try:
                 made = _make_layer(spec, index, layer, stage)
                 x = made(x)
-            except (ValueError, TypeError) as err:
+            except (ValueError, TypeError, MemoryError) as err:
                 raise _layer_error(spec, layer, err, None if made is None else tuple(x.shape)) from None
         model = keras.Model(inputs, x, name=spec.name)
     model.keras_decomp_spec = spec
@@ -393,6 +396,36 @@ def _make_layer(spec: Spec, index: int, layer: LayerSpec, stage: int = 0):
     config.setdefault("name", _layer_name(layer.class_name, index))
     return keras.layers.deserialize({"module": module, "class_name": layer.class_name,
                                      "registered_name": cls if "W" in config else None, "config": config})
+
+
+def _check_plain_size(spec: Spec, layer: LayerSpec, shape: tuple) -> None:
+    """Refuse a plain Keras layer whose kernel would not fit in memory, before Keras allocates it:
+    (input channels) x units or filters x kernel area, or an embedding's input_dim x output_dim."""
+    from .errors import ShapeError
+    from .lower import check_memory
+
+    config = layer.config
+
+    def size(key):
+        value = config.get(key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values) and values
+        return (key, math.prod(values)) if ok else None
+
+    width = size("units") or size("filters")
+    if width is not None:
+        channels = shape[-1] if shape and isinstance(shape[-1], int) else 1
+        kernel = config.get("kernel_size", 1)  # an int k is k x k (x k): one k per spatial axis
+        area = kernel ** max(len(shape) - 2, 1) if isinstance(kernel, int) else (size("kernel_size") or (None, 1))[1]
+        key, entries = width[0], channels * width[1] * area
+    elif size("input_dim") and size("output_dim"):
+        key, entries = "output_dim", size("input_dim")[1] * size("output_dim")[1]
+    else:
+        return
+    try:
+        check_memory(entries, f"this {layer.class_name} layer's kernel")
+    except ShapeError as err:
+        raise spec.error(f"{layer.path}.{key}", err.fact, err.hint) from None
 
 
 def _layer_name(class_name: str, index: int) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from . import distribute as distribution
 from .approximate import fit as fit_matrix
 from .errors import DecompError
@@ -43,7 +44,10 @@ def initialize_from(layer, W: np.ndarray, bias=None) -> float:
     shapes = {key: tuple(variable.shape) for key, variable in layer.decomposition_variables.items()}
     fitted = fitted_shapes(layer.node)
     if dist.is_chief:
-        result = fit_matrix(W, layer.node, seed=layer.seed)
+        try:
+            result = fit_matrix(W, layer.node, seed=layer.seed)
+        except DecompError as err:  # e.g. a kernel with NaN: say whose
+            raise type(err)(f"layer '{layer.name}': {err.fact}", text=err.text, pos=err.pos, hint=err.hint) from None
         values, error = {key: result.values[key] for key in shapes}, result.rel_error
         for key in fitted:  # a support palm4MSA found, or the seeded one if another method ran
             values[key] = result.values.get(key, layer._fixed.arrays[key])
@@ -196,7 +200,7 @@ class _State:
         if not dist.save(model, tmp):  # not the chief: it writes the checkpoint
             self.data["model"] = name
             return
-        tmp.replace(folder / name)
+        atomic.replace(tmp, folder / name)
         _write_json(folder / "state.json", {**self.data, "model": name})  # the commit point
         self.data["model"] = name
         for old in folder.glob("*model-*.keras"):  # older epochs, and parts left by a kill
@@ -206,9 +210,7 @@ class _State:
 
 def _write_json(path: Path, data: dict) -> None:
     """Replace ``path`` atomically: readers see the old or the new file, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(data, indent=1))
 
 
 class _Runner:
@@ -245,6 +247,8 @@ class _Runner:
         s = self.state.data
         if "model" in s:  # resuming
             model = load_model(self.state.model_path(self.out))
+            # the spec's learning rate, not the saved one: lowering it is how a diverged run goes on
+            model.optimizer.learning_rate = float(self.learning_rate(s["stage"]))
         else:
             model = self.model_for(0)
             s["stages"].append(self.stage_entry(0, model, {}, None, None))
@@ -273,10 +277,12 @@ class _Runner:
         if self.state.data["epoch"] >= self.epochs(stage):  # resumed after its last epoch
             return
         model.fit(self.train_ds, epochs=self.epochs(stage), initial_epoch=self.state.data["epoch"],
-                  validation_data=self.test_ds, verbose=self.verbose, callbacks=self.callbacks(stage))
+                  validation_data=self.test_ds, verbose=self.verbose, callbacks=self.callbacks(stage),
+                  shuffle=False)  # the pipeline shuffles; Keras warns that its own flag is ignored
 
     def callbacks(self, stage: int) -> list:
-        """The Keras callbacks of one stage's ``fit``: the per-epoch checkpoint."""
+        """The Keras callbacks of one stage's ``fit``: the guard against non-finite
+        weights, then the per-epoch checkpoint (so a diverged epoch is never saved)."""
         import keras
         runner = self
 
@@ -288,7 +294,7 @@ class _Runner:
                 s["epoch"] = epoch + 1
                 runner.state.save(runner.out, self.model)
 
-        return [Checkpoint()]
+        return [finite_guard(stage, self.out / "checkpoint"), Checkpoint()]
 
     def report(self, data_source: str, model) -> dict:
         from .report import layer_table
@@ -299,3 +305,52 @@ class _Runner:
                 "trainable_params": s["stages"][-1]["trainable_params"], "layers": layer_table(model),
                 "stages": s["stages"], "history": s["history"],
                 "wall_time_s": round(time.time() - s["started"], 2)}
+
+
+def non_finite_layers(model) -> list[str]:
+    """The names of the layers whose trainable weights hold a NaN or an infinity."""
+    import keras
+
+    return [layer.name for layer in model.layers
+            if any(not np.all(np.isfinite(keras.ops.convert_to_numpy(w))) for w in layer.trainable_weights)]
+
+
+def finite_guard(stage: int, folder):
+    """A Keras callback that stops training with a DecompError naming the layer whose
+    weights became NaN or infinite (``folder``: the checkpoint it leaves alone)."""
+    import keras
+
+    class FiniteGuard(keras.callbacks.Callback):
+        """Stops training with a DecompError naming the layer as soon as the loss is not finite
+        (checked every batch: a non-finite loss is where diverging weights show first), and at
+        every epoch's end before the checkpoint, so that the last checkpoint stays a good one."""
+
+        def __init__(self, stage: int, folder):
+            super().__init__()
+            self.stage, self.folder, self.epoch = stage, folder, 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not np.isfinite(float(loss)):
+                self.stop(f"the loss became {float(loss)} at batch {batch}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            if non_finite_layers(self.model):
+                self.stop("at the end of the epoch")
+
+        def stop(self, when: str):
+            bad = non_finite_layers(self.model)
+            where = f"stage {self.stage}, epoch {self.epoch}, numbered from 0 as in report.json"
+            if bad:
+                fact = (f"training diverged ({where}): the weights of layer '{bad[0]}' became NaN or infinite"
+                        + (f" (also {', '.join(repr(b) for b in bad[1:])})" if bad[1:] else "") + f", {when}")
+            else:
+                fact = f"training diverged ({where}): {when}, though every weight is still finite"
+            raise DecompError(f"{fact}; stopped, the checkpoint in {self.folder} keeps the last good epoch",
+                              hint="lower the learning rate (train.learning_rate or stages[i].learning_rate), "
+                                   "then continue with --resume (resume=True)")
+
+    return FiniteGuard(stage, folder)

@@ -18,6 +18,15 @@ STRUCTURES = ("dense", "diag", "lowrank", "sum", "tile", "kron",
 RESERVED = BASES + STRUCTURES
 
 
+def reserve_structure(name: str) -> None:
+    """Make ``name`` a structure name of the language, as the built-in ones are:
+    ``registry.register`` calls this for a structure defined outside the package."""
+    global STRUCTURES, RESERVED
+    if name not in STRUCTURES:
+        STRUCTURES += (name,)
+        RESERVED += (name,)
+
+
 @dataclass(frozen=True)
 class Ast:
     pos: int
@@ -87,6 +96,21 @@ class Expression:
     text: str
     target: str | None
     stages: tuple[Ast, ...]
+
+
+def children(ast: Ast) -> tuple[Ast, ...]:
+    """The sub-trees of a node (a call's expression arguments, a sum's terms, ...)."""
+    if isinstance(ast, Call):
+        return ast.args
+    if isinstance(ast, Add):
+        return ast.terms
+    if isinstance(ast, Product):
+        return ast.factors
+    if isinstance(ast, Scale):
+        return (ast.child, ast.factor)
+    if isinstance(ast, (Transpose, Slice)):
+        return (ast.child,)
+    return ()
 
 
 def is_fixed_name(name: str) -> bool:

@@ -40,12 +40,10 @@ def load_data(spec, source: str | None = None):
 
 def write_outputs(model, report: dict, out) -> None:
     """The model as ``model.keras`` and the report as ``report.json`` (atomic writes)."""
+    from . import atomic
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.tmp.keras"
-    model.save(tmp)
-    tmp.replace(out / "model.keras")
+    atomic.save_model(model, out / "model.keras")
     report = {**report, "model": str(out / "model.keras")}
-    tmp = out / "report.tmp.json"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "report.json")
+    atomic.write_text(out / "report.json", json.dumps(report, indent=2))

@@ -138,6 +138,13 @@ BAD = {
                            r"Keras could not make this layer: Could not interpret activation function identifier: relux"),
     "bad units of a decomposed layer": (_edit("{units: 10,", "{units: ten,"), "6 layers[1].Dense.units",
                                         r"units must be a positive integer, got 'ten'"),
+    # found by tests/test_fuzz.py: Keras would try to allocate 12 TiB (ResourceExhaustedError)
+    "plain layer too big for memory": ("input: {shape: [784]}\nlayers:\n  - Dense: {units: 4294967296}\n",
+                                       "3 layers[0].Dense.units",
+                                       r"this Dense layer's kernel would need 3,367,254,360,064 numbers"),
+    "plain conv too big for memory": ("input: {shape: [8, 8, 3]}\nlayers:\n"
+                                      "  - Conv2D: {filters: 100000000000, kernel_size: 3}\n",
+                                      "3 layers[0].Conv2D.filters", r"kernel would need 2,700,000,000,000 numbers"),
     "two layers with one name": (GOOD + "  - Dense: {units: 10, name: out}\n  - Dense: {units: 10, name: out}\n",
                                  "8 layers[3].Dense.name", r"a second layer named 'out'\nlayer names must be unique"),
     "a name taken from another layer": (_edit("- Flatten: {}", "- Flatten: {name: dense_1}"), "6 layers[1].Dense.name",
@@ -214,6 +221,21 @@ BAD = {
                    r"'tag:yaml\.org,2002:python/object/apply:os\.mkdir'"),
     "python tag inside": (_edit("[28, 28, 1]", "!!python/tuple [28, 28, 1]"), "2",
                           r"could not determine a constructor for the tag 'tag:yaml\.org,2002:python/tuple'"),
+    # found by the fuzz suite (tests/test_fuzz.py, RELIABILITY.md): each crashed or lost its line
+    "alias into its own anchor": ("input: {shape: [4]}\nlayers: &L\n  - Dense: {units: 2, W: [*L]}\n", "2",
+                                  r"not valid YAML: an alias refers to a node that contains it"),
+    "aliases expanding a billion-fold": (GOOD + "\n".join(["l0: &l0 [a, a, a, a, a, a, a, a, a]"] + [
+        f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 9)}]" for k in range(1, 9)]) + "\n", "12",
+        r"not valid YAML: its aliases expand it to more than 100,000 values"),
+    "YAML nested too deeply": ("input: {shape: [4]}\nlayers: " + "[" * 5000 + "]" * 5000 + "\n", "1",
+                               r"not valid YAML: it nests too deeply"),
+    "a character YAML refuses": (_edit("params:", "\x00params:"), "3",
+                                 r"not valid YAML: unacceptable character #x0000: special characters are not allowed"),
+    "bytes that are not UTF-8": (_edit("name: bad", "name: b\udcedad"), "1",
+                                 r"not UTF-8 text: byte 0xed at offset 7"),
+    "an empty file": ("", "1", r"a spec must be a mapping of keys, got NoneType"),
+    "a list where a name is chosen": (GOOD + "data: {name: [fashion_mnist]}\n", "7 data.name",
+                                      r"unknown name \['fashion_mnist'\]"),
 }
 
 
@@ -229,7 +251,8 @@ def test_bad_spec_names_file_line_and_key(tmp_path, text, where, message):
     np.save(folder / "vector.npy", np.ones(5))
     (folder / "notes.npy").write_text("not numpy\n")
     path = folder / "bad.yaml"
-    path.write_text(text.replace("PWNED", str(tmp_path / "pwned")))
+    # a lone surrogate (\udced) is written as the byte it stands for: a file that is not UTF-8
+    path.write_bytes(text.replace("PWNED", str(tmp_path / "pwned")).encode("utf-8", "surrogateescape"))
     with pytest.raises(DecompError) as caught:
         build(path)
     assert isinstance(caught.value, SpecError)

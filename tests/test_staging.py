@@ -2,8 +2,9 @@
 on the bundled Fashion-MNIST subset.
 
 The staged spec is specs/staged_sums.yaml: ``sum(G, n=10) | sum(G, n=50) | dense``, two epochs
-per stage. The SIGKILL test runs the real command in a child process that a test-only
-callback holds in the middle of stage 2 (1-based), so the kill lands there every time.
+per stage. The SIGKILL test runs the real command in a child process that a test-only hook
+(HOLD) holds at a chosen point (a batch, or just before or after the rename that commits a
+file), so each of its six kills lands where it is meant to, every time.
 """
 
 from __future__ import annotations
@@ -100,31 +101,74 @@ def test_checkpoint_folder_holds_one_model_and_its_state(staged):
 
 # ---- interruptions ------------------------------------------------------------------------------
 
-STALL = '''\
-"""keras-decomp, held in stage 1 (0-based) after its first epoch until killed: a test hook."""
+HOLD = '''\
+"""keras-decomp, held at one point until killed: a test hook.
+
+argv: MARKER POINT COMMAND...; POINT is batch:S.E.B (before batch B of epoch E of stage S, all
+0-based), before:NAME or after:NAME (around the rename that commits the file NAME; the
+state.json of stage S, epoch E is named state.json@S.E).  At the point it creates MARKER and
+sleeps until killed.
+"""
+import json
 import sys
 import time
+from pathlib import Path
 
 import keras
 
-from keras_decomp import staging
+from keras_decomp import atomic, staging
 from keras_decomp.cli import main
 
-
-class Stall(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.epoch >= 1 and batch == 3:
-            open(sys.argv[1], "w").close()  # the marker: in the middle of an epoch now
-            time.sleep(600)
+marker, point, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+kind, _, where = point.partition(":")
 
 
-original = staging._Runner.callbacks
-staging._Runner.callbacks = lambda self, stage: original(self, stage) + ([Stall()] if stage == 1 else [])
-sys.exit(main(sys.argv[2:]))
+def hold():
+    open(marker, "w").close()
+    time.sleep(600)
+
+
+if kind == "batch":
+    at_stage, at_epoch, at_batch = map(int, where.split("."))
+
+    class Hold(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if (self.epoch, batch) == (at_epoch, at_batch):
+                hold()
+
+    original = staging._Runner.callbacks
+    staging._Runner.callbacks = lambda self, stage: original(self, stage) + ([Hold()] if stage == at_stage else [])
+else:
+    real = atomic.replace
+
+    def replace(tmp, path):
+        name = Path(path).name
+        if name == "state.json":
+            state = json.loads(Path(tmp).read_text())
+            name += f"@{state['stage']}.{state['epoch']}"
+        if kind == "before" and name == where:
+            hold()
+        real(tmp, path)
+        if kind == "after" and name == where:
+            hold()
+
+    atomic.replace = replace
+sys.exit(main(argv))
 '''
+
+# Where the crash-recovery test kills the run, in the order the run gets there, and the
+# (stage, epoch) that state.json records then. The spec: 3 stages of 2 epochs of 6 batches.
+KILLS = [
+    ("batch:0.1.2", (0, 1)),                # training, in the middle of stage 0's second epoch
+    ("before:model-s1-e0.keras", (0, 2)),   # hand-over 0 -> 1: its model file written, not renamed
+    ("before:state.json@1.1", (1, 0)),      # model-s1-e1.keras renamed in, state.json still at (1, 0)
+    ("after:state.json@2.0", (2, 0)),       # hand-over 1 -> 2 committed, the old model not yet removed
+    ("batch:2.1.3", (2, 1)),                # training, in the middle of the last epoch
+    ("before:model.keras", (2, 2)),         # the final model.keras written, not renamed
+]
 
 
 def command():
@@ -132,45 +176,72 @@ def command():
     return [str(script)] if script.is_file() else [sys.executable, "-m", "keras_decomp.cli"]
 
 
+def check_checkpoint(folder: Path) -> dict:
+    """state.json parses and names a model file; every committed model file loads and is finite."""
+    state = json.loads((folder / "state.json").read_text())
+    assert (folder / state["model"]).is_file()
+    committed = sorted(p for p in folder.glob("model-s*-e*.keras"))
+    assert folder / state["model"] in committed
+    for path in committed:
+        assert staging.non_finite_layers(load_model(path)) == [], path
+    return state
+
+
 @pytest.mark.slow
-def test_sigkill_during_stage_two_then_resume(tmp_path):
-    out = tmp_path / "run"
-    hook, marker = tmp_path / "stall.py", tmp_path / "stalled"
-    hook.write_text(STALL)
-    train = ["train", str(SPEC), "--data", "bundled", "--out", str(out), "--quiet"]
-    log = (tmp_path / "first.log").open("w")
-    child = subprocess.Popen([sys.executable, str(hook), str(marker), *train], cwd=ROOT,
-                             stdout=log, stderr=subprocess.STDOUT)
-    state_file = out / "checkpoint" / "state.json"
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert child.poll() is None, f"the run ended early:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "the run did not reach stage 2 in time"
-            time.sleep(0.2)
-        state = json.loads(state_file.read_text())
-        assert state["stage"] == 1 and state["epoch"] >= 1  # stage 2 (1-based), one epoch done
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        log.close()
-    assert not (out / "report.json").exists()
-    killed_at = json.loads(state_file.read_text())
-    assert (killed_at["stage"], killed_at["epoch"]) == (1, 1)
-    assert epochs_of(killed_at) == EPOCHS[:3]
+def test_sigkill_at_six_points_then_resume(tmp_path):
+    """The train command in a child process, SIGKILLed at each point of KILLS (mid-epoch, during
+    a checkpoint's model write, between a model's rename and state.json's, after a commit, during
+    the final write), resumed each time: state.json always parses, every checkpoint loads, and
+    the finished report lists every epoch of every stage once, in order."""
+    spec = yaml.safe_load(SPEC.read_text())
+    spec.update(name="killed", data={"name": "fashion_mnist", "limit": 300}, train={**spec["train"], "batch_size": 50})
+    spec_file, out = tmp_path / "killed.yaml", tmp_path / "run"
+    spec_file.write_text(yaml.safe_dump(spec))
+    hook = tmp_path / "hold.py"
+    hook.write_text(HOLD)
+    train = ["train", str(spec_file), "--data", "bundled", "--out", str(out), "--quiet"]
+    folder = out / "checkpoint"
+    started = time.monotonic()
+    for i, (point, (stage, epoch)) in enumerate(KILLS):
+        marker, log_path = tmp_path / f"held-{i}", tmp_path / f"run-{i}.log"
+        with log_path.open("w") as log:
+            child = subprocess.Popen([sys.executable, str(hook), str(marker), point, *train,
+                                      *(["--resume"] if i else [])], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 240
+                while not marker.exists():
+                    assert child.poll() is None, f"{point}: the run ended early:\n{log_path.read_text()[-3000:]}"
+                    assert time.monotonic() < deadline, f"{point}: the run did not get there in time"
+                    time.sleep(0.1)
+                child.send_signal(signal.SIGKILL)
+                assert child.wait(timeout=60) == -signal.SIGKILL
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        state = check_checkpoint(folder)
+        assert (state["stage"], state["epoch"]) == (stage, epoch), point
+        assert epochs_of(state) == EPOCHS[:2 * stage + epoch], point
+        assert not (out / "report.json").exists()
+    assert (out / "tmp-model.keras").is_file()  # the last kill left its part behind
 
     resumed = subprocess.run([*command(), *train, "--resume"], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    elapsed = time.monotonic() - started
     report = json.loads((out / "report.json").read_text())
     assert epochs_of(report) == EPOCHS  # every (stage, epoch) once, in order
     stages = report["stages"]
     assert [s["stage"] for s in stages] == [0, 1, 2] and all(s["accuracy_end"] is not None for s in stages)
-    assert stages[2]["accuracy_after_handover"] >= stages[2]["accuracy_before_handover"] - 0.005
+    for previous, current in zip(stages, stages[1:]):  # each hand-over saw the stage's final weights
+        assert current["accuracy_before_handover"] == previous["accuracy_end"]
+        assert current["accuracy_after_handover"] >= current["accuracy_before_handover"] - 0.005
     assert "stage 2: hand-over error" in resumed.stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["model-s2-e2.keras", "state.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "model.keras", "report.json"]
+    check_checkpoint(folder)
+    assert staging.non_finite_layers(load_model(out / "model.keras")) == []
+    print(f"{len(KILLS)} kills, {len(KILLS)} resumes then a finishing one, all complete; {elapsed:.0f} s")
 
 
 class Interrupted(Exception):

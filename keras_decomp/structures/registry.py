@@ -6,6 +6,7 @@ name and says it is not available yet.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,7 +39,15 @@ _TABLE: dict[str, Structure] = {}
 
 
 def register(structure: Structure) -> None:
-    _TABLE[structure.name] = structure
+    """Add a structure to the language (or replace the one of that name).  Its name
+    must be a lowercase identifier that is not a basis; from now on ``name`` and
+    ``name(...)`` in an expression build it (tutorials/04_new_structure.py)."""
+    name = structure.name
+    if not re.fullmatch(r"[a-z][A-Za-z0-9_]*", name or ""):
+        raise ValueError(f"a structure name must start with a lowercase letter (trainable) and be an "
+                         f"identifier, got {name!r}")
+    _TABLE[name] = structure
+    s.reserve_structure(name)
 
 
 def lookup(call: s.Call) -> Structure:
@@ -148,9 +157,8 @@ def _lowrank(low, call, args, rows, cols, key):
 
 
 def _sum(low, call, args, rows, cols, key):
-    from ..lower import check_memory
-    check_memory(args["n"] * rows * cols, f"sum(n={args['n']}) of {rows}x{cols} terms", pos=call.pos)
-    draws = tuple(low.lower(call.args[0], rows, cols, key + (low.index(call), j)) for j in range(args["n"]))
+    with low.draws(args["n"], rows * cols, f"sum(n={args['n']}) of {rows}x{cols} terms", call.pos):
+        draws = tuple(low.lower(call.args[0], rows, cols, key + (low.index(call), j)) for j in range(args["n"]))
     return SumOf((rows, cols), key=_auto_key(low, call, key), draws=draws)
 
 
@@ -161,7 +169,8 @@ def _tile(low, call, args, rows, cols, key):
     if cols % n:
         raise ShapeError(f"tile(n={n}) needs a number of columns divisible by {n}, got {cols}",
                          pos=call.pos, hint=f"use {cols - cols % n} or {cols - cols % n + n} outputs")
-    draws = tuple(low.lower(call.args[0], rows, cols // n, key + (low.index(call), j)) for j in range(n))
+    with low.draws(n, rows * (cols // n), f"tile(n={n}) of {rows}x{cols // n} terms", call.pos):
+        draws = tuple(low.lower(call.args[0], rows, cols // n, key + (low.index(call), j)) for j in range(n))
     if isinstance(draws[0], fx.FixedLeaf) and draws[0].stack == "linear" and not isinstance(draws[0], fx.TiledLeaf):
         return fx.TiledLeaf((rows, cols), kind="tile", key=_auto_key(low, call, key).replace("tile", "T"),
                             draws=draws)

@@ -166,6 +166,8 @@ class SparseProduct(Product):
 def _sparse(low, call, args, rows, cols, key):
     node_key, rng_key = low.keys(call, "sparse", key)
     q, s = args["q"], args["s"]
+    # q factors of (value, index) pairs, checked before the list of q shapes is made
+    low.check_draws(q, 2 * rows * min(s, max(rows, cols)), f"sparse(q={q}) of {rows}x{cols}", call.pos)
     shapes = [(rows, rows)] * (q - 1) + [(rows, cols)]
     gain = math.sqrt(2.0 * rows / (rows + cols))  # Glorot's output variance for the whole product
     factors = tuple(
