@@ -1,11 +1,13 @@
 """The ``keras-decomp`` command.
 
     keras-decomp parse "W = sum(G, n=8) | dense" --in 784 --out 10 [--param k=100] [--seed 0]
-    keras-decomp train SPEC.yaml [--data full|bundled|auto] [--epochs N] [--out DIR] [--resume]
-                       [--distribute mirrored|multi-worker]
+    keras-decomp train SPEC.yaml [--data full|bundled|auto] [--epochs N] [--seed N] [--out DIR] [--resume]
+                       [--distribute mirrored|multi-worker] [--allow-files-outside]
     keras-decomp export MODEL.keras --tflite OUT.tflite [--mode auto] [--quantize dynamic]
     keras-decomp compress MODEL.keras --layer NAME="EXPR" [--layer ...] --out NEW.keras [--data bundled]
     keras-decomp prune MODEL.keras --sparsity 0.9 [--method trifactor] [--fine-tune-epochs N] --out NEW.keras
+    keras-decomp sweep SPEC.yaml --param k=10,20,50 [--param ...] [--seeds 0,1,2] [--data full|bundled|auto]
+                       [--epochs N] [--limit N] [--reference SPEC|none] [--out DIR]
 
 Errors in what the user wrote print as the DecompError message and exit 2.
 """
@@ -13,7 +15,6 @@ Errors in what the user wrote print as the DecompError message and exit 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .errors import DecompError
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None, help="override the spec's epochs")
     t.add_argument("--out", default=None, help="folder for model.keras and report.json (default runs/<spec name>)")
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--allow-files-outside", dest="allow_files_outside", action="store_true",
+                   help="let the spec's fixed: {file: ...} bases lie outside its folder (for a spec you trust)")
+    t.add_argument("--seed", type=int, default=None,
+                   help="override the spec's seed (initial weights, fixed bases, data order)")
     t.add_argument("--distribute", choices=("mirrored", "multi-worker"), default=None,
                    help="mirrored: all devices of this machine; multi-worker: the machines in TF_CONFIG, "
                         "each running this same command (see docs/distributed.md)")
@@ -91,6 +96,30 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default="fashion_mnist")
     r.add_argument("--strip", action="store_true", help="save plain Dense layers (no masks, for export)")
     r.add_argument("--out", required=True, help="where to write the pruned model (a .keras file)")
+    w = commands.add_parser(
+        "sweep", help="train a spec at every combination of --param values and --seeds, beside its dense "
+                      "reference; write sweep.csv and sweep.png (accuracy against parameters)",
+        description="Train SPEC at every combination of the --param values, for each seed, and its dense "
+                    "reference (the spec's reference: key, or --reference) at each seed; write OUT/sweep.csv "
+                    "(one row per run: parameters, seed, trainable parameters, test accuracy, time, epochs, "
+                    "error) after every run, and OUT/sweep.png (test accuracy against trainable parameters, "
+                    "the means over seeds, the reference, the Pareto front). A run that fails is recorded "
+                    "with its error and the sweep goes on; running the same command again skips the runs "
+                    "sweep.csv has done and retries the failed ones.")
+    w.add_argument("spec", help="a YAML spec with params:, e.g. specs/linear_dct.yaml")
+    w.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="values of one of the spec's params:, e.g. --param k=10,20,50 (repeatable: "
+                        "every combination is trained)")
+    w.add_argument("--seeds", default=None, help="seeds, e.g. 0,1,2 (default: the spec's seed)")
+    w.add_argument("--data", choices=("auto", "full", "bundled", "tfds", "idx"), default=None,
+                   help="where the data comes from (default: the spec's, else auto)")
+    w.add_argument("--epochs", type=int, default=None, help="override the spec's epochs (per stage)")
+    w.add_argument("--limit", type=int, default=None, help="train and test on the first N images only")
+    w.add_argument("--reference", default=None,
+                   help="the dense reference spec (default: the spec's reference:); none: no reference")
+    w.add_argument("--out", default=None,
+                   help="folder for sweep.csv, sweep.png and the runs (default runs/sweep-<spec name>)")
+    w.add_argument("--verbose", action="store_true", help="Keras's line per epoch")
     return parser
 
 
@@ -115,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compress(args)
         if args.command == "prune":
             return _prune(args)
+        if args.command == "sweep":
+            return _sweep(args)
     except DecompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -139,7 +170,10 @@ def _train(args) -> int:
     from .staging import fit_staged
 
     dist = make(args.distribute)  # before any other TensorFlow work (multi-worker needs that)
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, allow_files_outside=args.allow_files_outside)
+    if args.seed is not None:
+        import dataclasses
+        spec = dataclasses.replace(spec, seed=args.seed)
     out = args.out or f"runs/{spec.name}"
     report = fit_staged(spec, source=args.data, out=out, resume=args.resume, epochs=args.epochs,
                         verbose=0 if args.quiet else 2, distribute=dist)
@@ -166,6 +200,7 @@ def _export_trained(spec, out, source) -> None:
     training images); the reports go to the screen and into report.json."""
     import json
 
+    from . import atomic
     from .export import export_from_spec, format_report
     from .layers import load_model
     from .training import load_data
@@ -179,10 +214,7 @@ def _export_trained(spec, out, source) -> None:
     with open(path) as f:
         full = json.load(f)
     full["export"] = reports
-    tmp = f"{out}/report.tmp.json"
-    with open(tmp, "w") as f:
-        json.dump(full, f, indent=2)
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(full, indent=2))
     print(f"\nexport ({', '.join(reports)}; also in {path}):")
     for report in reports.values():
         print(format_report(report))
@@ -306,6 +338,20 @@ def _prune(args) -> int:
     (strip(pruned) if args.strip else pruned).save(out)
     print(f"wrote {out}" + (" (masks stripped)" if args.strip else " (with masks)"))
     return 0
+
+
+def _sweep(args) -> int:
+    from .sweep import parse_seeds, parse_values, run_sweep
+
+    swept = [parse_values(text) for text in args.param]
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    if args.limit is not None and args.limit < 1:
+        raise DecompError(f"--limit must be a positive integer, got {args.limit}")
+    rows = run_sweep(args.spec, swept, seeds=seeds, source=args.data, epochs=args.epochs, out=args.out,
+                     reference=args.reference, limit=args.limit, verbose=2 if args.verbose else 0,
+                     print_fn=lambda line: print(line, flush=True))
+    return 0 if any(not row["error"] for row in rows) else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,95 @@
+"""The tutorials run: each one in its fast mode, in a subprocess of its own (so
+that the structure tutorials/04 registers does not leak into other tests), with
+its exit code and the key lines it prints checked."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TUTORIALS = ROOT / "tutorials"
+CHANCE = 0.1  # ten classes
+
+
+def run(name: str, *args: str, fast_by: str = "flag") -> str:
+    """The tutorial's stdout and stderr; fails the test on a non-zero exit."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow",
+           # small matrices on a busy 2-core machine: OpenBLAS threads only contend
+           "OPENBLAS_NUM_THREADS": "1"}
+    command = [sys.executable, str(TUTORIALS / name), *args]
+    if fast_by == "flag":
+        command.append("--fast")
+    else:
+        env["KERAS_DECOMP_TUTORIAL_FAST"] = "1"
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{name} exited with {done.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def number(pattern: str, output: str) -> float:
+    match = re.search(pattern, output)
+    assert match, f"no line matching {pattern!r} in:\n{output[-4000:]}"
+    return float(match.group(1))
+
+
+def test_every_tutorial_is_listed_and_tested():
+    scripts = sorted(p.name for p in TUTORIALS.glob("[0-9][0-9]_*.py"))
+    assert scripts == ["01_language.py", "02_staged_lenet.py", "03_compress_export.py", "04_new_structure.py"]
+    readme = (TUTORIALS / "README.md").read_text()
+    tested = Path(__file__).read_text()
+    for script in scripts:
+        assert f"tutorials/{script}" in readme
+        assert f'"{script}"' in tested
+
+
+def test_01_language():
+    out = run("01_language.py", fast_by="env")
+    assert "language tutorial: OK" in out
+    assert "did you mean DCT?" in out and "\n                  ^\n" in out  # the caret under DTC
+    assert number(r"max \|layer\(x\) - \(x @ W \+ b\)\| = (\S+)", out) < 1e-3
+    assert number(r"sum\(G, n=50\): relative error (\S+)", out) < 1e-8
+    assert "DCT DCT' is the identity: True" in out
+
+
+def test_02_staged_lenet(tmp_path):
+    out = run("02_staged_lenet.py", "--out", str(tmp_path / "lenet"))
+    assert number(r"final test accuracy: (\S+)", out) > 2 * CHANCE
+    # the sums of Gaussians line up and dense holds anything: lossless hand-overs;
+    # the low-rank hand-over of the hidden layer loses something
+    assert number(r"(?m)^  conv2d_2 +(\S+)$", out) < 1e-5
+    assert number(r"(?m)^  dense_7 +(\S+)$", out) < 1e-5
+    assert 1e-3 < number(r"(?m)^  dense_5 +(\S+)$", out) < 1
+    assert re.search(r"^\s+1\s+[\d,]+\s+0\.\d+\s+0\.\d+$", out, re.M), "no stage-1 accuracy row"
+    assert (tmp_path / "lenet" / "model.keras").is_file()
+    assert (tmp_path / "lenet" / "report.json").is_file()
+
+
+def test_03_compress_export(tmp_path):
+    out = run("03_compress_export.py", "--out", str(tmp_path / "lite"))
+    assert number(r"final test accuracy \(sss, fine-tuned\): (\S+)", out) > 2 * CHANCE
+    sizes = {name: (tmp_path / "lite" / f"{name}.tflite").stat().st_size for name in ("dense", "sss", "sparse")}
+    assert sizes["sparse"] < sizes["sss"] < sizes["dense"], sizes
+    diffs = [float(d) for d in re.findall(r"LiteRT vs Keras on \d+ images: max \|diff\| (\S+),", out)]
+    assert len(diffs) == 3 and max(diffs) < 1e-3, diffs
+    table = out.replace(",", "")  # the parameter column of the summary table
+    dense = number(r"(?m)^dense\s+(\d+)\s", table)
+    for name in ("sss", "sparse"):
+        assert number(rf"(?m)^{name}\s+(\d+)\s", table) < dense
+
+
+def test_04_new_structure():
+    out = run("04_new_structure.py")
+    assert "unknown structure 'toeplitz'" in out  # before registering
+    assert "apply == x @ to_dense: True" in out
+    assert "saved and loaded: same outputs" in out
+    assert number(r"max \|t - lstsq\| = (\S+)", out) < 1e-8
+    assert number(r"final test accuracy: (\S+)", out) > 2 * CHANCE
+    # the registration stayed in the tutorial's process
+    from keras_decomp import DecompError, parse
+    with pytest.raises(DecompError, match="unknown structure 'toeplitz'"):
+        parse("toeplitz(b=2)", 6, 4)
