@@ -213,10 +213,13 @@ def _repeat(fn):
 
 # ---- measurement --------------------------------------------------------------------------
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
+
+
 def timed(fn, k) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     fn(k)
-    return (time.perf_counter() - start) / k
+    return (CLOCK() - start) / k
 
 
 def calibrate(fn, budget: float) -> int:
@@ -326,7 +329,16 @@ def main(argv=None):
                         help="comma-separated fixed_dtype= variants of sum(G, n=20/50); '' for none")
     parser.add_argument("--only", default="", help="keep layers whose label contains this text")
     parser.add_argument("--bandwidth-mib", type=int, default=512, help="size of the bandwidth probe buffer")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="TensorFlow: one thread, timed by the process's CPU time (the work, "
+                             "steadier than wall time on a loaded machine; no second core)")
     args = parser.parse_args(argv)
+    if args.cpu_time:
+        global CLOCK
+        import tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        CLOCK = time.process_time
     rounds = args.rounds or (4 if args.quick else 20)
     budget = 0.02 if args.quick else 0.06
     jit = args.jit or keras.backend.backend() == "jax"
@@ -334,7 +346,7 @@ def main(argv=None):
     print(f"# {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"# {machine()}")
     print(f"# KERAS_BACKEND={keras.backend.backend()}, compiled loop jit_compile={jit}, optimizer {args.optimizer}, "
-          f"train batch {BATCH}, {rounds} rounds, medians")
+          f"train batch {BATCH}, {rounds} rounds, medians{', one thread, CPU time' if args.cpu_time else ''}")
     print(f"# load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
     dtypes = [d for d in args.dtypes.split(",") if d]

@@ -55,10 +55,26 @@ def tying():
 
 def load_model(path, **kwargs):
     """``keras.saving.load_model`` that keeps named parameters tied across layers
-    and knows every layer class of the package (pruned layers included)."""
+    and knows every layer class of the package (pruned layers included).
+
+    Always in Keras's safe mode: a file holding Python code (a ``Lambda`` layer's
+    bytecode) is refused with a DecompError, never run.
+    """
     from . import prune  # noqa: F401 - registers PrunedDense
+    if kwargs.pop("safe_mode", True) is not True:
+        raise DecompError("keras_decomp.load_model loads in Keras's safe mode only",
+                          hint="a model file you trust and that holds Python code can be loaded with "
+                               "keras.saving.load_model directly")
     with tying():
-        return keras.saving.load_model(path, **kwargs)
+        try:
+            return keras.saving.load_model(path, safe_mode=True, **kwargs)
+        except ValueError as err:
+            if isinstance(err, DecompError) or "safe_mode" not in str(err):
+                raise
+            raise DecompError(f"{path}: refused: the model file holds Python code (e.g. the bytecode of a "
+                              "Lambda layer), which could run anything; keras_decomp loads in safe mode only",
+                              hint="rebuild the model without Lambda layers (a registered layer class "
+                                   "instead), or load it with keras.saving.load_model if you trust it") from None
 
 
 class _Fixed:
@@ -237,7 +253,16 @@ def _declarations(fixed: dict) -> dict:
     out = {}
     for name, decl in fixed.items():
         if "file" in decl:
-            out[name] = {"matrix": np.load(decl["file"], allow_pickle=False)}
+            try:
+                matrix = np.load(decl["file"], allow_pickle=False)
+            except (ValueError, OSError) as err:
+                raise DecompError(f"the fixed matrix {name} ({decl['file']}) is not a .npy array file: "
+                                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            bad = int(matrix.size - np.count_nonzero(np.isfinite(matrix)))
+            if bad:
+                raise DecompError(f"the fixed matrix {name} ({decl['file']}) holds {bad} NaN or infinite entries",
+                                  hint="a fixed basis must be finite")
+            out[name] = {"matrix": matrix}
         else:
             out[name] = dict(decl)
     return out
@@ -295,7 +320,9 @@ class Dense(_Decomposed):
                 d if d is not None else 128 for d in x.shape[:-1])))
             y = ops.reshape(y, tuple(lead) + (self.units,))
         if self.bias is not None:
-            y = y + self.bias
+            # ops.add (not +) lowers to BiasAdd on TensorFlow, as in keras.layers.Dense: fused with the
+            # MatMul and differentiated by BiasAddGrad, not by a broadcasting Sum and Reshape
+            y = ops.add(y, self.bias)
         return self.activation(y) if self.activation is not None else y
 
     def compute_output_shape(self, input_shape):
@@ -386,9 +413,11 @@ class Conv2D(_Decomposed):
             y = self._channel_apply(y, rest, v, positions)
         else:
             y = self._conv(x, node.materialize(v, xp), self.filters)
-        if self.bias is not None:
-            bias_shape = (1, 1, 1, -1) if self.data_format == "channels_last" else (1, -1, 1, 1)
-            y = y + ops.reshape(self.bias, bias_shape)
+        if self.bias is not None and self.data_format == "channels_last":
+            y = ops.add(y, self.bias)  # BiasAdd on TensorFlow, as in Dense.call
+        elif self.bias is not None:
+            # not ops.add: its BiasAdd guesses the layout from the shape, NHWC when width == filters
+            y = y + ops.reshape(self.bias, (1, -1, 1, 1))
         return self.activation(y) if self.activation is not None else y
 
     def compute_output_shape(self, input_shape):

@@ -316,6 +316,34 @@ def test_fixed_arrays_are_regenerated_not_saved(tmp_path):
     assert path.stat().st_size < 4 * layer.count_params() + 40_000
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="counts TensorFlow graph ops")
+@pytest.mark.parametrize("make_layer, matmuls", [
+    (lambda: layers.Dense(64, W="DCT2[:k] dense", params={"k": 10}), 3),  # no gradient into the DCT
+    (lambda: layers.Dense(64, W="sum(R, n=5)"), 3),
+    (lambda: layers.Conv2D(64, 3, W="dense", mode="materialize"), 0),
+], ids=["DCT2_slice", "sum_R", "conv"])
+def test_tensorflow_training_step_has_no_avoidable_ops(make_layer, matmuls):
+    """Issue 13: a small layer's step is dominated by per-op costs in TF graph mode, so the traced
+    step must stay as lean as keras.layers.Dense's: the bias fused (BiasAdd, BiasAddGrad, not
+    AddV2 and a broadcasting Sum), no gradient work for fixed arrays, no copies of them."""
+    import tensorflow as tf
+    layer = make_layer()
+    x = tf.ones((8, 4, 4, 3)) if isinstance(layer, layers.Conv2D) else tf.ones((8, 784))
+    layer(x)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x))
+        return tape.gradient(loss, layer.trainable_variables)
+
+    found = [op.type for op in step.get_concrete_function().graph.get_operations()]
+    assert found.count("BiasAdd") == found.count("BiasAddGrad") == 1
+    # (sum(R)'s transpose of its (n, rows) stack stays: Grappler folds it into the MatMul)
+    assert "AddV2" not in found and "StridedSlice" not in found
+    assert found.count("MatMul") == matmuls
+
+
 # ---- weight tying -----------------------------------------------------------------------------
 
 def tied_pair():
