@@ -21,6 +21,7 @@ worker reads: a resumed non-chief worker loads the chief's checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -146,6 +147,11 @@ def fit_staged(spec, source: str | None = None, out: str | Path | None = None, r
     if state is not None and state.data["spec"] != spec.name:
         raise DecompError(f"the checkpoint in {out} is of spec '{state.data['spec']}', not '{spec.name}'",
                           hint="resume with the spec that started the run, or choose another --out")
+    if state is not None and state.data.get("model_fingerprint", fingerprint(spec)) != fingerprint(spec):
+        raise DecompError(f"the spec '{spec.name}' describes another model than the one checkpointed in {out}: "
+                          "its seed, input, params, fixed bases or layers changed since the run started",
+                          hint="resume with the spec as it was, or choose another --out (training settings "
+                               "such as epochs and learning rate may change between runs)")
     state = state or _State.new(spec)
     keras.utils.set_random_seed(spec.seed)
     data = load_data(spec, source)
@@ -165,6 +171,22 @@ def fit_staged(spec, source: str | None = None, out: str | Path | None = None, r
     return report
 
 
+def fingerprint(spec) -> str:
+    """A short hash of what makes a spec's model: seed, input, params, fixed bases and layers
+    (not its training settings, which a resumed run may change).
+
+    >>> from .specs import load_spec
+    >>> a = load_spec({"input": {"shape": [4]}, "layers": [{"Dense": {"units": 2}}]})
+    >>> b = load_spec({"input": {"shape": [4]}, "layers": [{"Dense": {"units": 3}}]})
+    >>> len(fingerprint(a)), fingerprint(a) == fingerprint(b)
+    (16, False)
+    """
+    model = {"seed": spec.seed, "input": list(spec.input_shape), "params": spec.params, "fixed": spec.fixed,
+             "layers": [[layer.class_name, layer.config] for layer in spec.layers]}
+    text = json.dumps(model, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class _State:
     """What a checkpoint records: where we are and everything measured so far."""
 
@@ -173,7 +195,8 @@ class _State:
 
     @classmethod
     def new(cls, spec):
-        return cls({"spec": spec.name, "stage": 0, "epoch": 0, "stages": [], "history": [],
+        return cls({"spec": spec.name, "model_fingerprint": fingerprint(spec), "stage": 0, "epoch": 0,
+                    "stages": [], "history": [],
                     "started": time.time(), "elapsed": 0.0})
 
     @classmethod

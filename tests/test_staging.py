@@ -9,6 +9,7 @@ file), so each of its six kills lands where it is meant to, every time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -309,6 +310,16 @@ def test_resume_errors(tmp_path):
     (folder / "m.keras").write_bytes(b"")
     with pytest.raises(DecompError, match=r"the checkpoint in .* is of spec 'mlp', not 'staged_small'"):
         fit_staged(small_spec(), source="bundled", out=tmp_path / "other", resume=True, verbose=0)
+    # the same name, another model (a changed seed here): refused, the checkpoint is not reused
+    from keras_decomp.staging import fingerprint
+    from keras_decomp.specs import load_spec
+    spec = load_spec(small_spec())
+    other = dataclasses.replace(spec, seed=spec.seed + 1)
+    (folder / "state.json").write_text(json.dumps({"spec": spec.name, "model_fingerprint": fingerprint(other),
+                                                   "stage": 0, "epoch": 1, "model": "m.keras"}))
+    with pytest.raises(DecompError, match=r"the spec 'staged_small' describes another model than the one "
+                                          r"checkpointed in .*: its seed, input, params"):
+        fit_staged(spec, source="bundled", out=tmp_path / "other", resume=True, verbose=0)
     (folder / "m.keras").unlink()
     with pytest.raises(DecompError, match=r"names the model file 'm.keras', which is not there"):
         fit_staged(small_spec(), source="bundled", out=tmp_path / "other", resume=True, verbose=0)
