@@ -66,7 +66,7 @@ def mlp(expression: str | None):
 
 def flops(model, forms) -> int:
     """FLOPs of one batch-1 pass as exported (folded layers: a dense matmul)."""
-    from keras_decomp.layers import _Decomposed
+    from keras_decomp.layers.base import _Decomposed
 
     total = 0
     for layer in model.layers:

@@ -44,7 +44,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from keras_decomp import palm4msa as palm  # noqa: E402
+from keras_decomp.fitting import palm4msa as palm  # noqa: E402
 
 C = palm.Constraint
 N, PER, Q = 64, 4, 3

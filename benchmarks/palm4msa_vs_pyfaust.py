@@ -30,7 +30,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from scipy.linalg import hadamard  # noqa: E402
 
-from keras_decomp import palm4msa as palm  # noqa: E402
+from keras_decomp.fitting import palm4msa as palm  # noqa: E402
 
 
 def ours_hierarchical(M, iters):

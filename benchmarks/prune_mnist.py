@@ -35,8 +35,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_decomp  # noqa: E402
-from keras_decomp.data import load  # noqa: E402
-from keras_decomp.prune import mask_sparsity  # noqa: E402
+from keras_decomp.training.data import load  # noqa: E402
+from keras_decomp.compression.prune import mask_sparsity  # noqa: E402
 
 MODELS = {"mlp2": (300, 100), "mlp5": (256,) * 5}
 METHODS = {"magnitude": dict(method="magnitude"), "trifactor": dict(method="trifactor"),

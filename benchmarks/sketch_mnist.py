@@ -33,9 +33,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_decomp import decompose, layers  # noqa: E402
-from keras_decomp.data import load  # noqa: E402
-from keras_decomp.staging import kernel_matrix  # noqa: E402
-from keras_decomp.structures.sketch import compare  # noqa: E402
+from keras_decomp.training.data import load  # noqa: E402
+from keras_decomp.training.staging import kernel_matrix  # noqa: E402
+from keras_decomp.fitting.sketch import compare  # noqa: E402
 
 SKETCHED = ("conv2", "fc1")
 

@@ -33,14 +33,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_decomp  # noqa: E402
-from keras_decomp import data as kdata  # noqa: E402
-from keras_decomp.structures import sparse as sparse_structure  # noqa: E402
+from keras_decomp.training import data as kdata  # noqa: E402
+from keras_decomp.fitting import sparse as sparse_fit  # noqa: E402
 
 HIDDEN = {"mlp": ("fc1", "fc2"), "lenet": ("dense_5",)}  # lenet: specs.build's name of its layer 5
 
 
 def lenet():
-    from keras_decomp import specs
+    from keras_decomp.training import specs
 
     return specs.build(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "specs", "lenet.yaml"))
 
@@ -101,7 +101,7 @@ def main():
     parser.add_argument("--finetune", type=int, default=2, help="fine-tuning epochs after compression")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10, 0.20])
     parser.add_argument("--q", type=int, default=2, help="number of sparse factors")
-    parser.add_argument("--iters", type=int, default=sparse_structure.N_ITER,
+    parser.add_argument("--iters", type=int, default=sparse_fit.N_ITER,
                         help="palm4MSA sweeps per stage of the fit")
     parser.add_argument("--finetune-samples", type=int, default=None,
                         help="fine-tune on the first N training images only (default: all)")
@@ -109,7 +109,7 @@ def main():
                         help="calls per round of the materialised timing (0: skip it)")
     args = parser.parse_args()
     hidden = HIDDEN[args.model]
-    sparse_structure.N_ITER = args.iters
+    sparse_fit.N_ITER = args.iters
     keras.utils.set_random_seed(0)
     data = kdata.load("fashion_mnist", source=args.source)
     x_train, x_test = (a.astype("float32") / 255.0 for a in (data.x_train, data.x_test))

@@ -35,7 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_decomp import decompose, layers  # noqa: E402
-from keras_decomp.data import load  # noqa: E402
+from keras_decomp.training.data import load  # noqa: E402
 
 REPLACED = "hidden2"  # the last hidden layer, 1024 -> 512
 

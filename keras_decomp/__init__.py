@@ -10,29 +10,29 @@ parts load on first use.
 
 from importlib import import_module
 
-# approximate and export share their names with their modules: the functions are
-# imported eagerly (numpy only), so importing the modules later cannot shadow them.
-from .approximate import approximate
+# export shares its name with its module: the function is imported eagerly (numpy
+# only), so importing the module later cannot shadow it.
 from .errors import DecompError
 from .export import export
-from .parse import parse
+from .fitting.approximate import approximate
+from .language.parse import parse
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it, imported on first access
+# public name -> module that defines it, imported on first access (they load Keras)
 _LAZY = {
     "layers": None,
     "Dense": "layers",
     "Conv2D": "layers",
     "tying": "layers",
     "load_model": "layers",
-    "build": "specs",
-    "load_spec": "specs",
-    "summarize": "report",
-    "fit_staged": "staging",
-    "decompose": "compress",
-    "prune": "prune",
-    "strip": "prune",
+    "build": "training.builder",
+    "load_spec": "training.specs",
+    "summarize": "layers.report",
+    "fit_staged": "training.staging",
+    "decompose": "compression.decompose",
+    "prune": "compression.prune",
+    "strip": "compression.prune",
 }
 
 __all__ = ["DecompError", "approximate", "export", "parse", *_LAZY]

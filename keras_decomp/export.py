@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
+from .training import atomic
 from .errors import DecompError
-from .fixed import FixedLeaf
-from .ir import Add, Kron, Node, Product, Scale, Slice, Tile, Transpose
-from .structures.basic import SumOf
+from .operators.fixed import FixedLeaf
+from .operators.ir import Add, Kron, Node, Product, Scale, Slice, Tile, Transpose
+from .operators.structures.basic import SumOf
 
 MODES = ("folded", "factored", "auto")
 QUANTIZE = (None, "dynamic", "int8")
@@ -85,7 +85,7 @@ def layer_entries(layer) -> int:
     the last axis.  A Conv2D layer in apply mode convolves with the first factor
     of a product (materialised as the conv kernel) and applies the rest to the
     channels of every output pixel; any other kernel is materialised."""
-    from .layers import _positions
+    from .layers.conv import _positions
 
     node = layer.node
     if type(layer).__name__ != "Conv2D":
@@ -117,7 +117,7 @@ def choose_forms(model, mode: str) -> dict[str, str]:
     >>> choose_forms(model, "auto")  # 78400 + 1000 numbers against 7840; 4176 against 5120
     {'dct': 'folded', 'low': 'factored'}
     """
-    from .layers import _Decomposed
+    from .layers.base import _Decomposed
 
     if mode not in MODES:
         raise DecompError(f"mode must be one of {MODES}, got {mode!r}",
@@ -145,7 +145,8 @@ def inference_model(model, forms: dict[str, str]):
     and factored layers forced to apply mode."""
     import keras
 
-    from .layers import _Decomposed, tying
+    from .layers import tying
+    from .layers.base import _Decomposed
 
     def clone(layer):
         config = layer.get_config()
@@ -251,7 +252,7 @@ def _stored(forms, model, format: str) -> int:
     """Numbers the file keeps.  A TFLite file: what the converter leaves (see
     ``layer_entries``); a SavedModel keeps a factored layer's variables as they
     are, every fixed array included, and folds nothing."""
-    from .layers import _Decomposed
+    from .layers.base import _Decomposed
     total = 0
     for layer in model.layers:
         if not isinstance(layer, _Decomposed):

@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
 
-from keras_decomp.data import IDX_FILES, read_idx, write_idx  # noqa: E402
+from keras_decomp.training.data import IDX_FILES, read_idx, write_idx  # noqa: E402
 
 LICENSE = """\
 These files are a subset of Fashion-MNIST, https://github.com/zalandoresearch/fashion-mnist

@@ -15,12 +15,11 @@ import sys
 import numpy as np
 import pytest
 
-from keras_decomp.approximate import approximate, fit
+from keras_decomp.fitting.approximate import approximate, fit
 from keras_decomp.errors import DecompError
-from keras_decomp.parse import parse
+from keras_decomp.language.parse import parse
 
-# the module: keras_decomp.approximate may be the function or the module (see the last test)
-approx = importlib.import_module("keras_decomp.approximate")
+approx = importlib.import_module("keras_decomp.fitting.approximate")
 
 
 def node_of(text, n, m, params=None, fixed=None):
@@ -364,7 +363,7 @@ def test_nested_draws_stage_two_fits_stage_one_exactly():
 
 def test_approximate_imports_no_tensorflow():
     code = ("import sys, numpy as np\n"
-            "from keras_decomp.approximate import approximate\n"
+            "from keras_decomp.fitting.approximate import approximate\n"
             "approximate(np.ones((6, 4)), 'sum(G, n=3) + lowrank(r=1)')\n"
             "approximate(np.ones((6, 4)), 'lowrank(r=2)')\n"
             "bad = sorted(m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules)\n"
@@ -374,7 +373,9 @@ def test_approximate_imports_no_tensorflow():
 
 def test_package_attributes_are_the_functions_after_the_submodules_are_imported():
     code = ("import keras_decomp\n"
-            "import keras_decomp.staging, keras_decomp.approximate, keras_decomp.export\n"
+            "import keras_decomp.training.staging, keras_decomp.fitting.approximate, keras_decomp.export\n"
+            "import keras_decomp.compression.prune, keras_decomp.compression.decompose\n"
             "assert callable(keras_decomp.approximate), keras_decomp.approximate\n"
-            "assert callable(keras_decomp.export), keras_decomp.export\n")
+            "assert callable(keras_decomp.export), keras_decomp.export\n"
+            "assert callable(keras_decomp.prune) and callable(keras_decomp.decompose)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)

@@ -13,7 +13,7 @@ import pytest
 import scipy.fft
 from hypothesis import given, strategies as st
 
-from keras_decomp import bases
+from keras_decomp.operators import bases
 from keras_decomp.errors import ArgumentError
 
 TOL = 1e-12
@@ -282,7 +282,7 @@ def test_same_seed_and_key_same_draws_else_different(name):
 
 
 def test_draws_are_the_same_in_another_process():
-    code = ("import hashlib; from keras_decomp import bases; "
+    code = ("import hashlib; from keras_decomp.operators import bases; "
             "print(hashlib.sha256(bases.gaussian(bases.generator(0, (3, 1)), 7, 5).tobytes()).hexdigest())")
     env = {**os.environ, "PYTHONHASHSEED": "12345",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

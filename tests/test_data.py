@@ -18,8 +18,8 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from keras_decomp import data
-from keras_decomp.data import load, read_idx, write_idx
+from keras_decomp.training import data
+from keras_decomp.training.data import load, read_idx, write_idx
 from keras_decomp.errors import DecompError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import yaml
 
-from keras_decomp import DecompError, distribute, staging
-from keras_decomp.cli import main
-from keras_decomp.staging import fit_staged
+from keras_decomp import DecompError
+from keras_decomp.training import distribute, staging
+from keras_decomp.cli.main import main
+from keras_decomp.training.staging import fit_staged
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 420  # seconds for any group of children; a busy 2-core machine needs about a quarter
@@ -178,10 +179,11 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 import numpy as np
 
-from keras_decomp import build, distribute
-from keras_decomp.data import load
-from keras_decomp.staging import fit_staged, hand_over
-from keras_decomp.training import compile_model
+from keras_decomp import build
+from keras_decomp.training import distribute
+from keras_decomp.training.data import load
+from keras_decomp.training.staging import fit_staged, hand_over
+from keras_decomp.training.run import compile_model
 
 spec, staged, two_stages = (json.loads(a) for a in sys.argv[1:4])
 out = sys.argv[4]
@@ -356,8 +358,9 @@ import json, sys
 import jax
 import keras
 
-from keras_decomp import DecompError, distribute
-from keras_decomp.staging import fit_staged
+from keras_decomp import DecompError
+from keras_decomp.training import distribute
+from keras_decomp.training.staging import fit_staged
 
 staged, out = json.loads(sys.argv[1]), sys.argv[2]
 try:

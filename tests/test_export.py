@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from keras_decomp import DecompError, export, parse
-from keras_decomp.cli import main
-from keras_decomp.data import load
+from keras_decomp.cli.main import main
+from keras_decomp.training.data import load
 from keras_decomp.errors import UnknownNameError
 from keras_decomp.export import choose_forms, stored_entries
 from keras_decomp.layers import Conv2D, Dense

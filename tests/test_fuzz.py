@@ -166,7 +166,7 @@ SPECS = spec_texts()
 
 
 def test_mutated_specs(tmp_path_factory):
-    from keras_decomp.specs import build
+    from keras_decomp.training.builder import build
 
     folder = tmp_path_factory.mktemp("specs")
     np.save(folder / "basis.npy", np.ones((4, 4)))

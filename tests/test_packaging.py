@@ -102,7 +102,7 @@ def test_installed_wheel_finds_the_grammar_by_importlib_resources(bare_python, t
 
 
 def test_parser_core_runs_without_tensorflow(bare_python, tmp_path):
-    code = ("from keras_decomp.parse import parse; d = parse('W = sum(G, n=8)', 16, 8); "
+    code = ("from keras_decomp.language.parse import parse; d = parse('W = sum(G, n=8)', 16, 8); "
             "print(d.shape)")
     done = run([str(bare_python), "-I", "-c", code], cwd=tmp_path)
     assert done.stdout.strip() == "(16, 8)"

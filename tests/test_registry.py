@@ -5,9 +5,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from keras_decomp import DecompError, parse, syntax
-from keras_decomp.ir import Node
-from keras_decomp.structures import registry
+from keras_decomp import DecompError, parse
+from keras_decomp.operators import names
+from keras_decomp.operators.ir import Node
+from keras_decomp.operators.structures import registry
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,7 @@ def _build(low, call, args, rows, cols, key):
 def scaledeye(monkeypatch):
     """Register 'scaledeye' for one test; the table and the reserved names are restored after."""
     monkeypatch.setattr(registry, "_TABLE", dict(registry._TABLE))
-    monkeypatch.setattr(syntax, "STRUCTURES", syntax.STRUCTURES)
-    monkeypatch.setattr(syntax, "RESERVED", syntax.RESERVED)
+    monkeypatch.setattr(names, "_structures", list(names._structures))
     registry.register(registry.Structure("scaledeye", _build))
 
 
@@ -52,7 +52,7 @@ def test_registered_structure_parses(scaledeye, text):
 
 
 def test_registered_structure_is_reserved(scaledeye):
-    assert "scaledeye" in syntax.STRUCTURES
+    assert "scaledeye" in names.structures()
     with pytest.raises(DecompError, match="did you mean scaledeye"):
         parse("scaledeyes", 4, 4)
     with pytest.raises(DecompError, match="scaledeye has no argument 'r'"):

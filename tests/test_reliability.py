@@ -17,16 +17,18 @@ import numpy as np
 import pytest
 import yaml
 
-from keras_decomp import DecompError, staging
+from keras_decomp import DecompError
+from keras_decomp.training import staging
 from keras_decomp import layers as kd
-from keras_decomp.cli import main
-from keras_decomp.compress import decompose
-from keras_decomp.data import Data, load, write_idx
+from keras_decomp.cli.main import main
+from keras_decomp.compression.decompose import decompose
+from keras_decomp.training.data import Data, load, write_idx
 from keras_decomp.errors import ShapeError, SpecError
 from keras_decomp.layers import load_model
-from keras_decomp.parse import parse
-from keras_decomp.specs import build, load_spec
-from keras_decomp.staging import fit_staged
+from keras_decomp.language.parse import parse
+from keras_decomp.training.builder import build
+from keras_decomp.training.specs import load_spec
+from keras_decomp.training.staging import fit_staged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +76,7 @@ def test_fit_staged_refuses_nan_data_before_training(tmp_path, monkeypatch):
     x = real.x_train[:300].astype("float32")
     x[120] = np.nan
     data = float_data(x, real.x_test[:100].astype("float32"))
-    monkeypatch.setattr("keras_decomp.training.load_data", lambda spec, source=None: data)
+    monkeypatch.setattr("keras_decomp.training.run.load_data", lambda spec, source=None: data)
     with pytest.raises(DecompError, match=r"x_train holds NaN or infinite values in 1 image\(s\), the first at "
                                           r"index 120"):
         fit_staged(tiny_spec(), out=tmp_path, verbose=0)
@@ -366,6 +368,6 @@ message = f"do not call eval(x) or set safe_mode=False"
 
 def test_the_package_source_has_no_unsafe_calls():
     files = sorted(p for folder in ("keras_decomp", "scripts", "benchmarks") for p in (ROOT / folder).rglob("*.py"))
-    assert len(files) > 30 and ROOT / "keras_decomp" / "specs.py" in files
+    assert len(files) > 30 and ROOT / "keras_decomp" / "training" / "specs.py" in files
     found = {str(p.relative_to(ROOT)): unsafe_calls(p.read_text()) for p in files}
     assert {k: v for k, v in found.items() if v} == {}

@@ -13,9 +13,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from keras_decomp import DecompError, bases, parse
-from keras_decomp.approximate import approximate, fit
-from keras_decomp.structures.sketch import Sketch, compare, estimator, least_squares
+from keras_decomp import DecompError, parse
+from keras_decomp.operators import bases
+from keras_decomp.fitting.approximate import approximate, fit
+from keras_decomp.fitting.sketch import compare, estimator, least_squares
+from keras_decomp.operators.structures.sketch import Sketch
 
 
 def sketch(text, n, m, spatial=None, seed=0):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from keras_decomp.errors import DecompError, SpecError
-from keras_decomp.specs import build, load_spec
+from keras_decomp.training.builder import build
+from keras_decomp.training.specs import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -35,7 +36,7 @@ def test_spec_says_what_it_is_and_gives_every_stage_its_epochs(path):
 
 @pytest.mark.parametrize("path, stage", CASES, ids=lambda c: c.stem if isinstance(c, Path) else f"stage{c}")
 def test_spec_builds_and_takes_a_training_step(path, stage):
-    from keras_decomp.training import compile_model
+    from keras_decomp.training.run import compile_model
 
     spec = load_spec(path)
     model = build(spec, stage=stage)
@@ -52,7 +53,7 @@ def test_spec_builds_and_takes_a_training_step(path, stage):
 
 
 def test_linear_dct_beats_70_percent_after_one_epoch(tmp_path):
-    from keras_decomp.staging import fit_staged
+    from keras_decomp.training.staging import fit_staged
 
     report = fit_staged(ROOT / "specs" / "linear_dct.yaml", source="bundled", out=tmp_path, epochs=1, verbose=0)
     assert report["data_source"].startswith("bundled subset")
@@ -60,7 +61,7 @@ def test_linear_dct_beats_70_percent_after_one_epoch(tmp_path):
 
 
 def test_train_command_writes_model_and_report(tmp_path, capsys):
-    from keras_decomp.cli import main
+    from keras_decomp.cli.main import main
 
     out = tmp_path / "run"
     code = main(["train", str(ROOT / "specs" / "linear_dct.yaml"), "--data", "bundled", "--epochs", "1",
@@ -80,7 +81,7 @@ def test_train_command_writes_model_and_report(tmp_path, capsys):
 
 
 def test_train_command_reports_a_bad_spec_and_exits_2(tmp_path, capsys):
-    from keras_decomp.cli import main
+    from keras_decomp.cli.main import main
 
     path = tmp_path / "bad.yaml"
     path.write_text("input: {shape: [784]}\nlayers:\n  - Dens: {units: 10}\n")

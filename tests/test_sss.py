@@ -17,8 +17,8 @@ from keras import ops
 
 import keras_decomp
 from keras_decomp import DecompError, layers, parse
-from keras_decomp.approximate import approximate, degree, fit
-from keras_decomp.structures.sss import SSS, block_sizes
+from keras_decomp.fitting.approximate import approximate, degree, fit
+from keras_decomp.operators.structures.sss import SSS, block_sizes
 
 N, M, P, D = 47, 31, 6, 3  # odd block sizes, n != m: inputs (8,8,8,8,8,7), outputs (6,5,5,5,5,5)
 
@@ -269,7 +269,7 @@ def test_composition_with_lowrank_is_fitted_by_the_generic_method():
 
 def test_block_solve_of_each_stage_matrix_is_the_least_squares_one():
     # SSS.solve_block gives the closed form of what approximate's generic probing computes
-    from keras_decomp.approximate import _probe_solve
+    from keras_decomp.fitting.approximate import _probe_solve
 
     node = sss_node(4, 2, 13, 11)
     values = random_values(node, seed=15)

@@ -19,16 +19,19 @@ import time
 from pathlib import Path
 
 import keras
+
+import keras_decomp
 import numpy as np
 import pytest
 import yaml
 
-from keras_decomp import DecompError, staging
-from keras_decomp.cli import main
-from keras_decomp.compress import decompose
-from keras_decomp.data import load
+from keras_decomp import DecompError
+from keras_decomp.training import staging
+from keras_decomp.cli.main import main
+from keras_decomp.compression.decompose import decompose
+from keras_decomp.training.data import load
 from keras_decomp.layers import load_model
-from keras_decomp.staging import fit_staged
+from keras_decomp.training.staging import fit_staged
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "specs" / "staged_sums.yaml"
@@ -117,8 +120,8 @@ from pathlib import Path
 
 import keras
 
-from keras_decomp import atomic, staging
-from keras_decomp.cli import main
+from keras_decomp.training import atomic, staging
+from keras_decomp.cli.main import main
 
 marker, point, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 kind, _, where = point.partition(":")
@@ -311,8 +314,8 @@ def test_resume_errors(tmp_path):
     with pytest.raises(DecompError, match=r"the checkpoint in .* is of spec 'mlp', not 'staged_small'"):
         fit_staged(small_spec(), source="bundled", out=tmp_path / "other", resume=True, verbose=0)
     # the same name, another model (a changed seed here): refused, the checkpoint is not reused
-    from keras_decomp.staging import fingerprint
-    from keras_decomp.specs import load_spec
+    from keras_decomp.training.staging import fingerprint
+    from keras_decomp.training.specs import load_spec
     spec = load_spec(small_spec())
     other = dataclasses.replace(spec, seed=spec.seed + 1)
     (folder / "state.json").write_text(json.dumps({"spec": spec.name, "model_fingerprint": fingerprint(other),
@@ -399,7 +402,7 @@ def test_decompose_at_full_rank_reproduces_the_outputs(trained, data, layer, exp
     x = images(data)
     np.testing.assert_allclose(new.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4)
     replaced = new.get_layer(layer)
-    assert type(replaced).__module__ == "keras_decomp.layers" and replaced.W == expression
+    assert isinstance(replaced, (keras_decomp.layers.Dense, keras_decomp.layers.Conv2D)) and replaced.W == expression
     np.testing.assert_array_equal(replaced.bias.numpy(), model.get_layer(layer).bias.numpy())
     assert new.compiled  # the compile settings carry over, for fine-tuning
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from keras_decomp.errors import DecompError
-from keras_decomp.specs import load_spec
-from keras_decomp.sweep import (columns, expand, markdown_table, pareto_front, parse_seeds, parse_values,
+from keras_decomp.training.specs import load_spec
+from keras_decomp.cli.sweep import (columns, expand, markdown_table, pareto_front, parse_seeds, parse_values,
                                 read_rows, reference_spec, summarize, total_epochs, write_rows)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,7 +170,7 @@ def test_the_reference_comes_from_the_spec_or_the_command(tmp_path):
 # --- the command -----------------------------------------------------------------------------
 
 def test_a_bad_param_stops_the_command_before_any_training(tmp_path, capsys):
-    from keras_decomp.cli import main
+    from keras_decomp.cli.main import main
 
     out = tmp_path / "sweep"
     assert main(["sweep", str(LINEAR_DCT), "--param", "kk=10,20", "--out", str(out)]) == 2
@@ -192,7 +192,7 @@ def first_sweep(tmp_path_factory):
     import contextlib
     import io
 
-    from keras_decomp.cli import main
+    from keras_decomp.cli.main import main
 
     out = tmp_path_factory.mktemp("sweep")
     printed = io.StringIO()
@@ -242,7 +242,7 @@ def test_progress_is_shown_per_run(first_sweep):
 
 
 def test_a_rerun_skips_done_runs_and_retries_failed_ones(first_sweep, capsys):
-    from keras_decomp.cli import main
+    from keras_decomp.cli.main import main
 
     out, _, _, before = first_sweep
     assert main(["sweep", str(LINEAR_DCT), "--param", "k=10,20,2000", "--data", "bundled", "--epochs", "1",

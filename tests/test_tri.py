@@ -16,9 +16,9 @@ from keras import ops  # noqa: E402
 
 import keras_decomp  # noqa: E402
 from keras_decomp import DecompError, approximate, parse  # noqa: E402
-from keras_decomp.prune import keep_mask, mask_sparsity, shrink  # noqa: E402
-from keras_decomp.structures.tri import Tri  # noqa: E402
-from keras_decomp.trifactor import default_ranks, trifactorize  # noqa: E402
+from keras_decomp.compression.prune import keep_mask, mask_sparsity, shrink  # noqa: E402
+from keras_decomp.operators.structures.tri import Tri  # noqa: E402
+from keras_decomp.fitting.trifactor import default_ranks, trifactorize  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(  # raised inside Keras when it saves a variable
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -370,14 +370,6 @@ def test_strip_gives_plain_dense_layers_with_the_same_outputs(tmp_path):
     np.testing.assert_allclose(again(x), pruned(x), rtol=1e-6, atol=1e-6)
 
 
-def test_prune_stays_callable_where_the_package_attribute_is_the_module(monkeypatch):
-    # ``from keras_decomp.prune import ...`` before the first ``keras_decomp.prune``
-    # leaves the module there: calling it still prunes.
-    import sys
-    monkeypatch.setattr(keras_decomp, "prune", sys.modules["keras_decomp.prune"])
-    assert list(mask_sparsity(keras_decomp.prune(mlp(), sparsity=0.5)).values()) == [0.5, 0.5, 0.5]
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="random"), r"method must be one of \('trifactor', 'magnitude'\)"),
     (dict(criterion="loose"), r"criterion must be one of"),
@@ -427,7 +419,7 @@ def test_shrink_at_full_rank_keeps_the_outputs():
 
 @pytest.mark.slow
 def test_prune_command_prunes_fine_tunes_and_saves(tmp_path, capsys):
-    from keras_decomp.cli import main
+    from keras_decomp.cli.main import main
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                               keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)])

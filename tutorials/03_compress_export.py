@@ -28,8 +28,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_decomp  # noqa: E402
-from keras_decomp.compress import comparison  # noqa: E402
-from keras_decomp.data import load  # noqa: E402
+from keras_decomp.compression.decompose import comparison  # noqa: E402
+from keras_decomp.training.data import load  # noqa: E402
 
 
 def options():

@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 
 import keras_decomp  # noqa: E402
 from keras_decomp import DecompError, parse  # noqa: E402
-from keras_decomp.ir import Node  # noqa: E402
-from keras_decomp.structures.registry import Structure, register  # noqa: E402
+from keras_decomp.operators.ir import Node  # noqa: E402
+from keras_decomp.operators.structures.registry import Structure, register  # noqa: E402
 
 
 def fast_mode() -> bool:
@@ -156,7 +156,7 @@ def main() -> None:
     print("\n=== in a layer ===")
     import keras
 
-    from keras_decomp.data import load
+    from keras_decomp.training.data import load
 
     layer = keras_decomp.layers.Dense(10, W="toeplitz(b=64)", name="toe")
     xs = rng.random((4, 784)).astype("float32")
@@ -190,7 +190,7 @@ def main() -> None:
     # approximate() sees a node that is linear in its one parameter array and solves
     # the least-squares problem exactly (here through solve_block).
     print("\n=== in approximate() ===")
-    from keras_decomp.approximate import fit
+    from keras_decomp.fitting.approximate import fit
 
     target = node.to_dense(values) + 0.01 * rng.normal(size=node.shape)
     result = fit(target, "toeplitz(b=7)")

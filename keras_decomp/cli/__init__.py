@@ -1,0 +1,5 @@
+"""The ``keras-decomp`` command."""
+
+from .main import main
+
+__all__ = ["main"]

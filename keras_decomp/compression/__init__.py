@@ -1,0 +1,1 @@
+"""Trained models made smaller: decomposing their layers, pruning them."""
