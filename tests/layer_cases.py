@@ -65,6 +65,12 @@ CASES = [
     Case("sum_of_product", "sum(G dense, n=2)"),
     Case("sum_of_fixed_product", "sum(G S, n=2)"),
     Case("product_of_sums", "sum(G, n=3) sum(G, n=2)"),
+    # the fast random basis: one F's arrays whatever n (n = rows*cols: every bucket one entry)
+    Case("sum_F", "sum(F, n=5)"),
+    Case("sum_F_all_entries", "sum(F, n=96)"),
+    Case("sum_F_prime_rows", "sum(F, n=9)", n=67, m=4, kernel=(1, 1)),
+    Case("sum_F_in_product", "DCT[:k] sum(F, n=7) + sum(R, n=2)", params={"k": 6}),
+    Case("F_seeded", "F(seed=2) diag"),
     # tile and kron
     Case("tile", "tile(dense, n=2)"),
     Case("tile_fixed", "tile(G, n=2) diag"),
@@ -114,6 +120,6 @@ CASES = [
 # handful of rows that between them hold every kind of variable and fixed array.
 EXPENSIVE = ["dense", "lowrank", "named_tri", "scalars_paper", "sum_R", "sum_P_slice",
              "sum_of_product", "sum_tile_D", "kron", "dct2", "sketch", "sss", "sparse",
-             "butterfly_padded", "tri"]
+             "butterfly_padded", "tri", "sum_F_in_product"]
 
 BY_ID = {case.id: case for case in CASES}

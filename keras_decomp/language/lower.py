@@ -245,7 +245,7 @@ class Lowering:
         if name not in names.BASES:  # an undeclared uppercase name: one Gaussian per name
             array_key, rng_key = name, (1 << 21, zlib.crc32(name.encode()))
             self.check_named(ast, name, ("fixed", (rows, cols)))
-        kind = {"G": fx.Gaussian, "S": fx.Sign, "R": fx.RankOne}.get(name, fx.Gaussian)
+        kind = {"G": fx.Gaussian, "S": fx.Sign, "R": fx.RankOne, "F": fx.FastRandom}.get(name, fx.Gaussian)
         return kind((rows, cols), kind=name, key=array_key, seed=self.seed, rng_key=rng_key)
 
     def square_basis(self, ast, name, kwargs, rows, cols, key):

@@ -15,6 +15,7 @@ from .. import ir
 from .. import names
 from ...errors import ArgumentError, ShapeError, UnknownNameError
 from .basic import Dense, Diag, LowRank, SumOf
+from .fast_random import FastSum
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,30 @@ def _lowrank(low, call, args, rows, cols, key):
 
 
 def _sum(low, call, args, rows, cols, key):
+    if _is_fast_basis(low, call.args[0]):
+        return _fast_sum(low, call, args, rows, cols, key)
     with low.draws(args["n"], rows * cols, f"sum(n={args['n']}) of {rows}x{cols} terms", call.pos):
         draws = tuple(low.lower(call.args[0], rows, cols, key + (low.index(call), j)) for j in range(args["n"]))
     return SumOf((rows, cols), key=_auto_key(low, call, key), draws=draws)
+
+
+def _is_fast_basis(low, arg) -> bool:
+    """Whether ``arg`` is the reserved basis F (``F`` or ``F(seed=...)``), not a declared name."""
+    name = arg.func if hasattr(arg, "func") else getattr(arg, "name", None)
+    return name == "F" and "F" not in low.declared
+
+
+def _fast_sum(low, call, args, rows, cols, key):
+    """sum(F, n): one F's arrays (rows*cols signs and small factors) serve all n draws."""
+    n, size = args["n"], rows * cols
+    if n > size:
+        pos = next((kw.pos for kw in call.kwargs if kw.name == "n"), call.pos)
+        raise ShapeError(f"sum(F, n={n}) needs at most {size} draws on a {rows}x{cols} matrix "
+                         f"(its draws are orthogonal)", pos=pos,
+                         hint=f"use n <= {size}, or G for more draws than entries")
+    with low.draws(1, size, f"sum(F, n={n}) of {rows}x{cols} terms", call.pos):
+        leaf = low.lower(call.args[0], rows, cols, key + (low.index(call), 0))
+    return FastSum((rows, cols), key=_auto_key(low, call, key), leaf=leaf, n=n)
 
 
 def _tile(low, call, args, rows, cols, key):
