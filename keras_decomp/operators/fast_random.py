@@ -35,7 +35,7 @@ def kron_factors(n: int, most: int = FACTOR) -> tuple[int, ...]:
     """``n`` as a product of few factors of at most ``most`` (a larger prime stays one factor).
 
     >>> kron_factors(784), kron_factors(4096), kron_factors(10), kron_factors(1009)
-    ((28, 28), (64, 64), (10,), (1009,))
+    ((49, 16), (64, 64), (10,), (1009,))
     """
     primes, rest, p = [], n, 2
     while p * p <= rest:
