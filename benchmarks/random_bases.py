@@ -9,6 +9,7 @@ time of the same round.  "fixed MiB" is what the layer holds besides its trainab
 
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py --quick   # 784x1024 only
+    KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py --cpu-time  # shared machine
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import layer_speed  # noqa: E402
 import keras_decomp  # noqa: E402
 from keras_decomp import DecompError  # noqa: E402
 from layer_speed import fixed_bytes, make_optimizer, measure, tf_loops  # noqa: E402
@@ -90,7 +92,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="784x1024 only")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per timed call")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process's CPU time (steadier on a machine others share)")
     args = parser.parse_args(argv)
+    if args.cpu_time:
+        import time
+        layer_speed.CLOCK = time.process_time
     cases = [c for c in CASES if not args.quick or c[0] == 784]
     print(run(cases, args.rounds, args.budget))
 

@@ -102,15 +102,16 @@ def _factors(a, letter: str) -> list:
 
 
 def kron_apply(x, factors, xp):
-    """x (batch, prod f) @ kron(factors), one small einsum per factor, no transposes kept."""
+    """x (batch, prod f) @ kron(factors): one matmul per factor, the factor on the left of a
+    (f, rest) view for all but the last axis, so no transpose of x is ever made."""
     sizes = tuple(int(f.shape[0]) for f in factors)
-    if len(sizes) == 1:
-        return xp.matmul(x, factors[0])
-    letters = "abcdefgh"[:len(sizes)]
-    y = xp.reshape(x, (-1,) + sizes)
+    y = x
     for i, f in enumerate(factors):
-        out = letters[:i] + "z" + letters[i + 1:]
-        y = xp.einsum(f"y{letters},{letters[i]}z->y{out}", y, f)
+        after = math.prod(sizes[i + 1:])
+        if after == 1:
+            y = xp.matmul(xp.reshape(y, (-1, sizes[i])), f)
+        else:
+            y = xp.matmul(xp.transpose(f), xp.reshape(y, (-1, sizes[i], after)))
     return xp.reshape(y, (-1, math.prod(sizes)))
 
 
