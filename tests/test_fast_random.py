@@ -274,3 +274,22 @@ def test_conv2d_kernel_is_the_reference_sum():
     kernel = np.tensordot(c, reference_draws(layer.node), axes=1).reshape(3, 3, 3, 5)
     expected = keras.ops.conv(x, kernel.astype("float32"), padding="same").numpy()
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_export_folds_sum_of_f_and_the_factored_form_agrees(tmp_path):
+    """Folded W is rows*cols numbers, the factored form the signs, factors and coefficients on
+    top: auto folds.  Both TFLite files agree with Keras to float32 rounding."""
+    import keras
+
+    from keras_decomp.export import export
+    from keras_decomp.layers import Dense
+
+    model = keras.Sequential([keras.Input((64,)), Dense(32, W="sum(F, n=50)", name="f")])
+    x = np.random.default_rng(12).normal(size=(16, 64)).astype("float32")
+    reports = {mode: export(model, tmp_path / f"{mode}.tflite", mode=mode, sample=x)
+               for mode in ("auto", "factored")}
+    assert reports["auto"]["forms"] == {"f": "folded"}
+    assert reports["auto"]["parameters_stored"] == 64 * 32 + 32
+    assert reports["factored"]["parameters_stored"] == 64 * 32 + 64 * 64 + 32 * 32 + 50 + 32  # one factor each
+    for report in reports.values():
+        assert report["max_abs_diff"] <= 1e-5 * max(1.0, float(np.abs(model(x)).max())), report
