@@ -22,13 +22,13 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import layer_speed
+import numpy as np
+from layer_speed import fixed_bytes, make_optimizer, measure, tf_loops
 
-import layer_speed  # noqa: E402
-import keras_decomp  # noqa: E402
-from keras_decomp import DecompError  # noqa: E402
-from layer_speed import fixed_bytes, make_optimizer, measure, tf_loops  # noqa: E402
+import keras_decomp
+from keras_decomp import DecompError
 
 BATCH = 128
 MIB = 2 ** 20

@@ -215,7 +215,7 @@ def test_gradient_of_every_coefficient_matches_central_differences():
         layer.build((None, 15))
         (variable,) = layer.decomposition_variables.values()
 
-        def loss():
+        def loss(layer=layer):
             return tf.reduce_sum(tf.sin(layer(x)) * r)
 
         with tf.GradientTape() as tape:
@@ -276,6 +276,7 @@ def test_conv2d_kernel_is_the_reference_sum():
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.slow
 def test_export_folds_sum_of_f_and_the_factored_form_agrees(tmp_path):
     """Folded W is rows*cols numbers, the factored form the signs, factors and coefficients on
     top: auto folds.  Both TFLite files agree with Keras to float32 rounding."""

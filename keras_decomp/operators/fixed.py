@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import bases
-from . import fast_random
+from . import bases, fast_random
 from .ir import Node, matmul_cost
 
 
