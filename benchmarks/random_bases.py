@@ -10,6 +10,7 @@ time of the same round.  "fixed MiB" is what the layer holds besides its trainab
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py --quick   # 784x1024 only
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py --cpu-time  # shared machine
+    KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py --specs fashion_best_1k,fashion_best_1k_f
 """
 
 from __future__ import annotations
@@ -87,9 +88,29 @@ def run(cases, rounds, budget):
     return "\n".join(lines)
 
 
+def run_specs(names, rounds, budget):
+    """Training step of whole spec models (first stage), e.g. fashion_best_1k with G and with F."""
+    rng = np.random.default_rng(0)
+    entries, params = {}, {}
+    for name in names:
+        model = keras_decomp.build(os.path.join(os.path.dirname(__file__), "..", "specs", name + ".yaml"))
+        x = rng.standard_normal((BATCH,) + tuple(model.input_shape[1:])).astype("float32")
+        t = rng.standard_normal((BATCH,) + tuple(model.output_shape[1:])).astype("float32")
+        entries[name] = tf_loops(model, x, t, x[:1], make_optimizer("adam", model), jit=False)[0]
+        params[name] = model.count_params()
+    times = measure(entries, rounds, budget)
+    base = np.array(times[names[0]])
+    lines = ["| spec | params | step ms | x " + names[0] + " |", "|---|---|---|---|"]
+    for name in names:
+        ratio = float(np.median(np.array(times[name]) / base))
+        lines.append(f"| {name} | {params[name]:,} | {np.median(times[name]) * 1e3:.2f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="784x1024 only")
+    parser.add_argument("--specs", help="compare whole spec models instead, e.g. fashion_best_1k,fashion_best_1k_f")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per timed call")
     parser.add_argument("--cpu-time", action="store_true",
@@ -98,6 +119,9 @@ def main(argv=None):
     if args.cpu_time:
         import time
         layer_speed.CLOCK = time.process_time
+    if args.specs:
+        print(run_specs(args.specs.split(","), args.rounds, args.budget))
+        return
     cases = [c for c in CASES if not args.quick or c[0] == 784]
     print(run(cases, args.rounds, args.budget))
 
