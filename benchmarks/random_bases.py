@@ -55,7 +55,7 @@ def make(rows, cols, W):
     return layer
 
 
-def run(cases, rounds, budget):
+def run(cases, rounds, budget, optimizer="adam", jit=False):
     rng = np.random.default_rng(0)
     entries, info = {}, {}
     for rows, cols, W, target in cases:
@@ -67,7 +67,7 @@ def run(cases, rounds, budget):
             continue
         x = rng.standard_normal((BATCH, rows)).astype("float32")
         t = rng.standard_normal((BATCH, cols)).astype("float32")
-        train, _ = tf_loops(layer, x, t, x[:1], make_optimizer("adam", layer), jit=False)
+        train, _ = tf_loops(layer, x, t, x[:1], make_optimizer(optimizer, layer), jit=jit)
         entries[label] = train
         mode = "-" if W is None else ("apply" if layer.node.flops(BATCH, "apply") < layer.node.flops(
             BATCH, "materialize") else "materialize")
@@ -110,6 +110,10 @@ def run_specs(names, rounds, budget):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="784x1024 only")
+    parser.add_argument("--large", action="store_true", help="4096x4096 only")
+    parser.add_argument("--jit", action="store_true", help="tf.function(jit_compile=True): XLA fuses elementwise ops")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                        help="adam (default, as training does) or sgd (the cheapest update for Dense)")
     parser.add_argument("--specs", help="compare whole spec models instead, e.g. fashion_best_1k,fashion_best_1k_f")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per timed call")
@@ -122,8 +126,8 @@ def main(argv=None):
     if args.specs:
         print(run_specs(args.specs.split(","), args.rounds, args.budget))
         return
-    cases = [c for c in CASES if not args.quick or c[0] == 784]
-    print(run(cases, args.rounds, args.budget))
+    cases = [c for c in CASES if (not args.quick or c[0] == 784) and (not args.large or c[0] == 4096)]
+    print(run(cases, args.rounds, args.budget, args.optimizer, args.jit))
 
 
 if __name__ == "__main__":

@@ -123,12 +123,13 @@ def core(c, a, n: int, xp):
     scale = math.sqrt(m / rows)
     if c is None:
         return s * scale
-    u = xp.pad(c, [[0, m - n]]) if m > n else c
+    u = c * scale  # scaled before tiling: no pass over rows*cols for it
+    u = xp.pad(u, [[0, m - n]]) if m > n else u
     times = -(-size // m)
     flat = xp.tile(u, [times])
     if times * m != size:
         flat = flat[:size]
-    return s * xp.reshape(flat * scale, (rows, cols))
+    return s * xp.reshape(flat, (rows, cols))
 
 
 def matrix(c, a, n: int, xp):
