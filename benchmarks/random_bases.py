@@ -93,7 +93,8 @@ def run_specs(names, rounds, budget):
     rng = np.random.default_rng(0)
     entries, params = {}, {}
     for name in names:
-        model = keras_decomp.build(os.path.join(os.path.dirname(__file__), "..", "specs", name + ".yaml"))
+        path = name if name.endswith(".yaml") else os.path.join(os.path.dirname(__file__), "..", "specs", name + ".yaml")
+        model = keras_decomp.build(path)
         x = rng.standard_normal((BATCH,) + tuple(model.input_shape[1:])).astype("float32")
         t = rng.standard_normal((BATCH,) + tuple(model.output_shape[1:])).astype("float32")
         entries[name] = tf_loops(model, x, t, x[:1], make_optimizer("adam", model), jit=False)[0]
@@ -114,7 +115,8 @@ def main(argv=None):
     parser.add_argument("--jit", action="store_true", help="tf.function(jit_compile=True): XLA fuses elementwise ops")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                         help="adam (default, as training does) or sgd (the cheapest update for Dense)")
-    parser.add_argument("--specs", help="compare whole spec models instead, e.g. fashion_best_1k,fashion_best_1k_f")
+    parser.add_argument("--specs", help="compare whole spec models instead: names in specs/ or .yaml paths, "
+                        "the first the baseline")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per timed call")
     parser.add_argument("--cpu-time", action="store_true",
