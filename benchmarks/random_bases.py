@@ -10,7 +10,7 @@ time of the same round.  "fixed MiB" is what the layer holds besides its trainab
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py --quick   # 784x1024 only
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py --cpu-time  # shared machine
-    KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py --specs fashion_best_1k,fashion_best_1k_f
+    KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/random_bases.py --specs benchmarks/fast_random/fashion_best_1k_g.yaml,fashion_best_1k
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def run(cases, rounds, budget, optimizer="adam", jit=False):
 
 
 def run_specs(names, rounds, budget):
-    """Training step of whole spec models (first stage), e.g. fashion_best_1k with G and with F."""
+    """Training step of whole spec models (first stage), e.g. fashion_best_1k with G (benchmarks/fast_random/fashion_best_1k_g.yaml) and with F."""
     rng = np.random.default_rng(0)
     entries, params = {}, {}
     for name in names:
