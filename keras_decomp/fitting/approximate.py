@@ -33,7 +33,7 @@ from ..language.parse import parse
 from ..operators.fixed import FixedLeaf
 from ..operators.structures.basic import Dense, Diag, LowRank, SumOf
 from . import methods
-from . import sketch, sparse, sss, tri  # noqa: F401 - each registers its structure's own fit
+from . import monarch, sketch, sparse, sss, tri  # noqa: F401 - each registers its structure's own fit
 from .methods import register  # noqa: F401 - the plug-in entry point, also here
 from .target import check_target, rel_error
 
