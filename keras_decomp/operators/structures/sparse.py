@@ -9,11 +9,14 @@ row of each factor.  A factor holds two (cols, s) arrays: the trainable
 off the support are not variables at all, so they are exactly zero before,
 during and after training, they take no gradient and count as no parameter;
 ``apply`` is a gather of x's columns by the support (y[:, c] = sum_j
-x[:, support[c, j]] * values[c, j]), ``materialize`` builds the factor from s
-one-hot gathers of the identity.  Both use only what numpy and keras.ops share
-(no ``tf.sparse``: it has no keras.ops or JAX form, so it was not tried).  The
-cost model counts the gather as 2 * batch * cols * s FLOPs and so picks it at
-every batch size; benchmarks/sparse_mnist.py measures what that gives.
+x[:, support[c, j]] * values[c, j]), ``materialize`` scatters the values into
+a dense factor (one ``scatter``).  Both use only what numpy and keras.ops
+share.  The cost model prices a gathered or scattered number at ``GATHER``
+matmul FLOPs, so a factor runs by gathers for a few rows and is materialised
+then multiplied for a batch (at 4096 x 4096, s=204: gathers at batch 1, the
+scatter at 128); ``tf.sparse`` and CSR kernels were measured slower than both
+(benchmarks/structured_speed_sparse.py --kernels).  butterfly() has its own
+apply (butterfly.py): reshapes and flips, or two block products.
 
 Where the support lives.  It is a fixed array of the IR, so the layer keeps it
 out of the saved weights:
