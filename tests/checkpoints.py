@@ -18,9 +18,10 @@ import keras_decomp  # noqa: F401 - registers the layer classes that keras.savin
 
 def state_of(model) -> dict[str, np.ndarray]:
     """Every weight (trainable or not) and every optimizer variable (step count, learning rate,
-    moments) of ``model``, by path: "weight dense_1/bias", "optimizer adam/iteration"."""
+    moments) of ``model``, by path: "weight dense_1/bias", "optimizer iteration" (without the
+    optimizer's name, which Keras numbers per process)."""
     state = {f"weight {v.path}": np.array(v) for v in model.weights}
-    state.update({f"optimizer {v.path}": np.array(v) for v in model.optimizer.variables})
+    state.update({f"optimizer {v.path.split('/', 1)[-1]}": np.array(v) for v in model.optimizer.variables})
     return state
 
 
@@ -44,16 +45,17 @@ def assert_same_state(resumed: dict, checkpoint: dict, learning_rate: float, wha
     """The resumed state equals the checkpoint's, variable for variable and bit for bit, except
     the learning rate, which a resume takes from the spec (``learning_rate``). Returns the count
     of what was compared: weights, optimizer moments (slots of a variable), and the step count."""
-    assert sorted(resumed) == sorted(checkpoint), what
+    missing, extra = sorted(set(checkpoint) - set(resumed)), sorted(set(resumed) - set(checkpoint))
+    assert not missing and not extra, f"{what}: the resumed model lacks {missing} and has {extra} in addition"
     counts = {"weights": 0, "slots": 0, "iterations": None}
     for name, value in checkpoint.items():
-        if name.endswith("/learning_rate"):
+        if name == "optimizer learning_rate":
             assert resumed[name] == np.float32(learning_rate), (what, name, resumed[name], learning_rate)
             continue
         np.testing.assert_array_equal(resumed[name], value, err_msg=f"{what}: {name}")
         if name.startswith("weight "):
             counts["weights"] += 1
-        elif name.endswith("/iteration"):
+        elif name == "optimizer iteration":
             counts["iterations"] = int(value)
         else:
             counts["slots"] += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,10 +135,11 @@ def test_checkpoint_folder_holds_one_model_and_its_state(staged):
 HOLD = '''\
 """keras-decomp, held at one point until killed: a test hook.
 
-argv: MARKER POINT COMMAND...; POINT is batch:S.E.B (before batch B of epoch E of stage S, all
-0-based), before:NAME or after:NAME (around the rename that commits the file NAME; the
+argv: MARKER POINT STATE COMMAND...; POINT is batch:S.E.B (before batch B of epoch E of stage S,
+all 0-based), before:NAME or after:NAME (around the rename that commits the file NAME; the
 state.json of stage S, epoch E is named state.json@S.E).  At the point it creates MARKER and
-sleeps until killed.
+sleeps until killed.  When the run first comes to a stage's training (for a resumed run: the
+model it goes on with), the model's weights and optimizer state are written to STATE (.npz).
 """
 import json
 import sys
@@ -146,11 +148,23 @@ from pathlib import Path
 
 import keras
 
+sys.path.insert(0, str(Path.cwd() / "tests"))  # run from the repository's root
+from checkpoints import save_state
 from keras_decomp.training import atomic, staging
 from keras_decomp.cli.main import main
 
-marker, point, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+marker, point, state_file, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 kind, _, where = point.partition(":")
+train_stage = staging._Runner.train_stage
+
+
+def dump_then_train(self, model, stage):
+    if not Path(state_file).exists():
+        save_state(model, Path(state_file))
+    return train_stage(self, model, stage)
+
+
+staging._Runner.train_stage = dump_then_train
 
 
 def hold():
@@ -206,6 +220,10 @@ def command():
     return [str(script)] if script.is_file() else [sys.executable, "-m", "keras_decomp.cli"]
 
 
+def learning_rate(spec: dict, stage: int) -> float:
+    return spec["stages"][stage].get("learning_rate", spec["train"]["learning_rate"])
+
+
 def check_checkpoint(folder: Path) -> dict:
     """state.json parses and names a model file; every committed model file loads and is finite."""
     state = json.loads((folder / "state.json").read_text())
@@ -221,8 +239,10 @@ def check_checkpoint(folder: Path) -> dict:
 def test_sigkill_at_six_points_then_resume(tmp_path):
     """The train command in a child process, SIGKILLed at each point of KILLS (mid-epoch, during
     a checkpoint's model write, between a model's rename and state.json's, after a commit, during
-    the final write), resumed each time: state.json always parses, every checkpoint loads, and
-    the finished report lists every epoch of every stage once, in order."""
+    the final write), resumed each time: state.json always parses, every checkpoint loads, each
+    resume goes on with the weights and optimizer state of the checkpoint that state.json named
+    when the process died, and the finished report lists every epoch of every stage once, in
+    order, its hand-overs made from the stages' last checkpoints."""
     spec = yaml.safe_load(SPEC.read_text())
     spec.update(name="killed", data={"name": "fashion_mnist", "limit": 300}, train={**spec["train"], "batch_size": 50})
     spec_file, out = tmp_path / "killed.yaml", tmp_path / "run"
@@ -230,12 +250,14 @@ def test_sigkill_at_six_points_then_resume(tmp_path):
     hook = tmp_path / "hold.py"
     hook.write_text(HOLD)
     train = ["train", str(spec_file), "--data", "bundled", "--out", str(out), "--quiet"]
-    folder = out / "checkpoint"
+    folder, kept = out / "checkpoint", tmp_path / "kept"
+    kept.mkdir()
+    compared = []  # the optimizer's step count and moments in each checkpoint a resume went on from
     started = time.monotonic()
     for i, (point, (stage, epoch)) in enumerate(KILLS):
-        marker, log_path = tmp_path / f"held-{i}", tmp_path / f"run-{i}.log"
+        marker, log_path, resumed = tmp_path / f"held-{i}", tmp_path / f"run-{i}.log", tmp_path / f"resumed-{i}.npz"
         with log_path.open("w") as log:
-            child = subprocess.Popen([sys.executable, str(hook), str(marker), point, *train,
+            child = subprocess.Popen([sys.executable, str(hook), str(marker), point, str(resumed), *train,
                                       *(["--resume"] if i else [])], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             try:
                 deadline = time.monotonic() + 240
@@ -249,11 +271,21 @@ def test_sigkill_at_six_points_then_resume(tmp_path):
                 if child.poll() is None:
                     child.kill()
                     child.wait()
+        if i:  # the resume went on with the checkpoint that state.json named at the last kill
+            counts = assert_same_state(read_state(resumed), state_in_file(kept / f"committed-{i - 1}.keras"),
+                                       learning_rate(spec, KILLS[i - 1][1][0]), what=point)
+            compared.append((counts["iterations"], counts["slots"]))
         state = check_checkpoint(folder)
         assert (state["stage"], state["epoch"]) == (stage, epoch), point
         assert epochs_of(state) == EPOCHS[:2 * stage + epoch], point
         assert not (out / "report.json").exists()
+        for path in folder.glob("model-s*-e*.keras"):  # the next resume removes them
+            shutil.copy(path, kept / path.name)
+        shutil.copy(folder / state["model"], kept / f"committed-{i}.keras")
     assert (out / "tmp-model.keras").is_file()  # the last kill left its part behind
+    # 6 Adam steps an epoch (none yet after a hand-over); a momentum and a velocity for each of the
+    # two trainable variables
+    assert compared == [(6, 4), (12, 4), (0, 4), (0, 4), (6, 4)], compared
 
     resumed = subprocess.run([*command(), *train, "--resume"], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
@@ -262,10 +294,12 @@ def test_sigkill_at_six_points_then_resume(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert epochs_of(report) == EPOCHS  # every (stage, epoch) once, in order
     stages = report["stages"]
-    assert [s["stage"] for s in stages] == [0, 1, 2] and all(s["accuracy_end"] is not None for s in stages)
-    for previous, current in zip(stages, stages[1:]):  # each hand-over saw the stage's final weights
-        assert current["accuracy_before_handover"] == previous["accuracy_end"]
-        assert current["accuracy_after_handover"] >= current["accuracy_before_handover"] - 0.005
+    assert all(s["accuracy_end"] is not None for s in stages)
+    test = load(source="bundled")
+    check_handovers(stages, kept, test.x_test, test.y_test, last_epochs=[2, 2, 2], limit=300)
+    # the last resume found the run complete: the model it wrote is the last checkpoint's
+    assert_same_state(state_in_file(out / "model.keras"), state_in_file(kept / f"committed-{len(KILLS) - 1}.keras"),
+                      learning_rate(spec, 2), what="final")
     assert "stage 2: hand-over error" in resumed.stdout
     assert sorted(p.name for p in folder.iterdir()) == ["model-s2-e2.keras", "state.json"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "model.keras", "report.json"]
@@ -292,13 +326,25 @@ def interrupt_once(monkeypatch, target, name, when):
 
 
 @pytest.mark.slow
-def test_interrupted_between_stages_resumes(tmp_path, monkeypatch):
+def test_interrupted_between_stages_resumes(tmp_path, monkeypatch, data):
     """Two deaths between stages: before the hand-over 0 -> 1, and after stage 2's model file
     was written but before state.json pointed at it. Each resume goes on from the last
-    recorded epoch; a finished run resumed changes nothing."""
+    recorded epoch with the weights and optimizer state of the model file state.json names
+    (read here by Keras); a finished run resumed changes nothing."""
     spec = small_spec()
-    run = dict(source="bundled", out=tmp_path, epochs=1, verbose=0)
-    state_file = tmp_path / "checkpoint" / "state.json"
+    out = tmp_path / "run"
+    run = dict(source="bundled", out=out, epochs=1, verbose=0)
+    state_file = out / "checkpoint" / "state.json"
+    kept = keep_checkpoints(monkeypatch, tmp_path / "kept")
+    starts = record_train_starts(monkeypatch)
+
+    def resumed_from_checkpoint(committed: dict, stage: int, epoch: int) -> dict:
+        """The model the last run went on with is the checkpoint's, weight for weight and
+        optimizer slot for slot."""
+        assert starts[0][:2] == (stage, epoch)
+        counts = assert_same_state(starts[0][2], committed, learning_rate(spec, stage))
+        starts.clear()
+        return counts
 
     fired = interrupt_once(monkeypatch, staging, "hand_over", lambda old, new: True)
     with pytest.raises(Interrupted):
@@ -306,24 +352,27 @@ def test_interrupted_between_stages_resumes(tmp_path, monkeypatch):
     assert fired
     state = json.loads(state_file.read_text())
     assert (state["stage"], state["epoch"], epochs_of(state)) == (0, 1, [(0, 0)])
+    committed = state_in_file(out / "checkpoint" / state["model"])
+    starts.clear()
 
     fired = interrupt_once(monkeypatch, staging, "_write_json", lambda path, data: data["stage"] == 2)
     with pytest.raises(Interrupted):
         fit_staged(spec, resume=True, **run)
     assert fired
+    # 8 Adam steps of 128 of the 1000 images; a momentum and a velocity for both trainable variables
+    counts = resumed_from_checkpoint(committed, 0, 1)
+    assert (counts["weights"], counts["slots"], counts["iterations"]) == (2, 4, 8)
     state = json.loads(state_file.read_text())
     assert (state["stage"], state["epoch"], epochs_of(state)) == (1, 1, [(0, 0), (1, 0)])
-    assert (tmp_path / "checkpoint" / state["model"]).is_file()
+    committed = state_in_file(out / "checkpoint" / state["model"])
 
     report = fit_staged(spec, resume=True, **run)
+    assert resumed_from_checkpoint(committed, 1, 1)["iterations"] == 8
     assert epochs_of(report) == [(0, 0), (1, 0), (2, 0)]
-    stages = report["stages"]
-    assert [s["stage"] for s in stages] == [0, 1, 2]
-    for previous, stage in zip(stages, stages[1:]):
-        assert stage["accuracy_before_handover"] == previous["accuracy_end"]
-        assert stage["accuracy_after_handover"] >= previous["accuracy_end"] - 0.005
+    check_handovers(report["stages"], kept, data.x_test, data.y_test, last_epochs=[1, 1, 1], limit=1000)
 
     again = fit_staged(spec, resume=True, **run)
+    assert resumed_from_checkpoint(state_in_file(kept / "model-s2-e1.keras"), 2, 1)["iterations"] == 8
     assert epochs_of(again) == epochs_of(report)
     assert again["test_accuracy"] == report["test_accuracy"]
     assert again["stages"] == report["stages"]
