@@ -425,12 +425,16 @@ def test_hand_over_copies_other_layers_and_keeps_biases():
     errors = staging.hand_over(old, new)
     assert set(errors) == {"conv2d_0", "dense_6"}
     assert errors["conv2d_0"] < 1e-6 and errors["dense_6"] < 1e-6  # dense and a larger rank: exact
+    copied = 0
     for a, b in zip(old.layers, new.layers):
-        for u, v in zip(a.get_weights(), b.get_weights()):
-            if a.name not in errors:  # plain layers: every weight, normalisation statistics too
-                np.testing.assert_array_equal(u, v)
         if a.name in errors:
             np.testing.assert_array_equal(a.bias.numpy(), b.bias.numpy())
+            continue
+        assert len(a.get_weights()) == len(b.get_weights()), a.name
+        for u, v in zip(a.get_weights(), b.get_weights()):  # plain layers: every weight, normalisation statistics too
+            np.testing.assert_array_equal(u, v)
+            copied += 1
+    assert copied == 4 + 2  # BatchNormalization's four, the plain Dense's kernel and bias
     np.testing.assert_allclose(new(x, training=False), old(x, training=False), atol=1e-4)
 
 
@@ -491,7 +495,18 @@ def test_decompose_several_layers_and_copy_the_rest(trained, data):
     kernel = model.get_layer("hidden").kernel.numpy().astype(np.float64)
     s = np.linalg.svd(kernel, compute_uv=False)
     assert errors["hidden"] == pytest.approx(np.sqrt(np.sum(s[4:] ** 2)) / np.linalg.norm(kernel), rel=1e-5)
-    assert 0 < errors["conv2"] < 1
+    # sum(G, n=20) of conv2's (3*3*6, 8) kernel: the least-squares combination of the layer's 20
+    # Gaussian draws, solved here by numpy in float64
+    target = model.get_layer("conv2").kernel.numpy().astype(np.float64).reshape(-1, 8)
+    replaced = new.get_layer("conv2")
+    (draws,) = replaced._fixed.arrays.values()
+    basis = np.asarray(draws, np.float64).reshape(20, -1).T
+    coefficients = np.linalg.lstsq(basis, target.ravel(), rcond=None)[0]
+    best = basis @ coefficients
+    assert errors["conv2"] == pytest.approx(np.linalg.norm(best - target.ravel()) / np.linalg.norm(target), rel=1e-6)
+    # the layer's kernel is that combination, in float32 (20 terms: a few 1e-7 of the kernel's scale)
+    np.testing.assert_allclose(replaced.materialize(), best.reshape(target.shape), rtol=0,
+                               atol=1e-6 * np.max(np.abs(best)))
     for name in ("conv", "logits"):
         for u, v in zip(model.get_layer(name).get_weights(), new.get_layer(name).get_weights()):
             np.testing.assert_array_equal(u, v)
