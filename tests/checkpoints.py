@@ -1,9 +1,12 @@
-"""What the resume tests compare: a model's weights and optimizer state, taken from the live
-model a resumed run trains on, and the same read from a checkpoint file by Keras alone
-(``keras.saving.load_model``, not the package's resume code).
+"""What the resume and hand-over tests compare, read independently of the code under test.
 
-A resume that rebuilt fresh weights, or loaded the weights but started a fresh optimizer
-(Adam moments and step count at zero), shows here as a difference.
+Resume: a model's weights and optimizer state, taken from the live model a resumed run trains
+on, against the same read from the checkpoint file by Keras alone (``keras.saving.load_model``,
+not the package's resume code). A resume that rebuilt fresh weights, or loaded the weights but
+started a fresh optimizer (Adam moments and step count at zero), shows as a difference.
+
+Hand-over: the committed model files of the end of a stage and of the start of the next one,
+loaded and evaluated here, against the accuracies the run reports.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
-import keras_decomp  # noqa: F401 - registers the layer classes that keras.saving.load_model needs
+import keras_decomp  # registers the layer classes that keras.saving.load_model needs
 
 
 def state_of(model) -> dict[str, np.ndarray]:
@@ -93,3 +97,29 @@ def keep_checkpoints(monkeypatch, keep: Path) -> Path:
         shutil.copy(out / "checkpoint" / self.data["model"], keep / self.data["model"])
     monkeypatch.setattr(staging._State, "save", save)
     return keep
+
+
+def logits_and_accuracy(path: Path, x: np.ndarray, y: np.ndarray, limit: int | None = None):
+    """The model in the file ``path`` on the test images, evaluated here: its logits and the
+    share of images whose largest logit is the label."""
+    logits = keras_decomp.load_model(path).predict(x[:limit].astype("float32") / 255.0, batch_size=256, verbose=0)
+    return logits, float(np.mean(np.argmax(logits, axis=1) == y[:limit]))
+
+
+def check_handovers(stages, kept: Path, x, y, last_epochs, limit=None) -> None:
+    """Each hand-over s -> s+1 against the committed model files: the accuracy the report gives
+    before it is that of the file of stage s's last epoch, evaluated here, and the accuracy
+    after it that of the file of stage s+1 at epoch 0 (the hand-over's result), which gives the
+    same logits: for specs whose hand-overs are exact (nested draws, then dense)."""
+    assert [s["stage"] for s in stages] == list(range(len(last_epochs)))
+    for s, (previous, current) in enumerate(zip(stages, stages[1:])):
+        end, end_accuracy = logits_and_accuracy(kept / f"model-s{s}-e{last_epochs[s]}.keras", x, y, limit)
+        start, start_accuracy = logits_and_accuracy(kept / f"model-s{s + 1}-e0.keras", x, y, limit)
+        # a count of images over their number, in float32 in Keras: equal up to float32 rounding
+        assert current["accuracy_before_handover"] == pytest.approx(end_accuracy, abs=1e-6), s
+        assert previous["accuracy_end"] == pytest.approx(end_accuracy, abs=1e-6), s
+        assert current["accuracy_after_handover"] == pytest.approx(start_accuracy, abs=1e-6), s
+        # float32 logits of sums of 784 products, about 1e-6 relative each: 1e-5 of their scale
+        np.testing.assert_allclose(start, end, rtol=0, atol=1e-5 * np.max(np.abs(end)), err_msg=f"hand-over {s}")
+        (error,) = current["handover_error"].values()
+        assert error < 1e-6  # nested draws, then dense: exact up to float32

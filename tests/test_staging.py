@@ -34,7 +34,8 @@ from keras_decomp.training.data import load
 from keras_decomp.layers import load_model
 from keras_decomp.training.staging import fit_staged
 
-from checkpoints import assert_same_state, keep_checkpoints, read_state, record_train_starts, state_in_file
+from checkpoints import (assert_same_state, check_handovers, keep_checkpoints, read_state, record_train_starts,
+                         state_in_file)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "specs" / "staged_sums.yaml"
@@ -73,32 +74,6 @@ def staged(tmp_path_factory):
         kept = keep_checkpoints(monkeypatch, out.with_name(out.name + "-kept"))
         report = fit_staged(SPEC, source="bundled", out=out, verbose=0)
     return report, out, kept
-
-
-def logits_and_accuracy(path: Path, x: np.ndarray, y: np.ndarray, limit: int | None = None):
-    """The model in the file ``path`` on the test images, evaluated here: its logits and the
-    share of images whose largest logit is the label."""
-    logits = load_model(path).predict(x[:limit].astype("float32") / 255.0, batch_size=256, verbose=0)
-    return logits, float(np.mean(np.argmax(logits, axis=1) == y[:limit]))
-
-
-def check_handovers(stages, kept: Path, x, y, last_epochs, limit=None) -> None:
-    """Each hand-over s -> s+1 against the committed model files: the accuracy the report gives
-    before it is that of the file of stage s's last epoch, evaluated here; the file of stage
-    s+1 at epoch 0 (the hand-over's result) gives the same logits, since every hand-over of
-    the staged spec is exact (nested draws, then dense)."""
-    assert [s["stage"] for s in stages] == list(range(len(last_epochs)))
-    for s, (previous, current) in enumerate(zip(stages, stages[1:])):
-        end, end_accuracy = logits_and_accuracy(kept / f"model-s{s}-e{last_epochs[s]}.keras", x, y, limit)
-        start, start_accuracy = logits_and_accuracy(kept / f"model-s{s + 1}-e0.keras", x, y, limit)
-        # a count of images over their number, in float32 in Keras: equal up to float32 rounding
-        assert current["accuracy_before_handover"] == pytest.approx(end_accuracy, abs=1e-6), s
-        assert previous["accuracy_end"] == pytest.approx(end_accuracy, abs=1e-6), s
-        assert current["accuracy_after_handover"] == pytest.approx(start_accuracy, abs=1e-6), s
-        # float32 logits of sums of 784 products, about 1e-6 relative each: 1e-5 of their scale
-        np.testing.assert_allclose(start, end, rtol=0, atol=1e-5 * np.max(np.abs(end)), err_msg=f"hand-over {s}")
-        (error,) = current["handover_error"].values()
-        assert error < 1e-6  # nested draws, then dense: exact up to float32
 
 
 @pytest.mark.slow
