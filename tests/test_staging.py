@@ -206,8 +206,14 @@ def check_checkpoint(folder: Path) -> dict:
     committed = sorted(p for p in folder.glob("model-s*-e*.keras"))
     assert folder / state["model"] in committed
     for path in committed:
-        assert staging.non_finite_layers(load_model(path)) == [], path
+        assert all_finite(load_model(path)), path
     return state
+
+
+def all_finite(model) -> bool:
+    """Every weight of ``model`` finite (checked here, not by the guard's own helper)."""
+    weights = model.get_weights()
+    return len(weights) > 0 and all(np.isfinite(w).all() for w in weights)
 
 
 @pytest.mark.slow
@@ -279,7 +285,7 @@ def test_sigkill_at_six_points_then_resume(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["model-s2-e2.keras", "state.json"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "model.keras", "report.json"]
     check_checkpoint(folder)
-    assert staging.non_finite_layers(load_model(out / "model.keras")) == []
+    assert all_finite(load_model(out / "model.keras"))
     print(f"{len(KILLS)} kills, {len(KILLS)} resumes then a finishing one, all complete; {elapsed:.0f} s")
 
 
