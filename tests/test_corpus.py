@@ -236,7 +236,7 @@ def test_every_design_example_is_a_valid_case():
 
 # The families that register themselves from their own module: before their module lands
 # (here: with their registry entry removed), the reserved name must say so.
-FAMILIES = ("sss", "sketch", "sparse", "butterfly", "tri")
+FAMILIES = ("sss", "sketch", "sparse", "butterfly", "tri", "monarch")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -258,7 +258,7 @@ def test_not_available_cases_say_so(family, monkeypatch):
         assert family not in re.findall(r"\w+", message.split("available: ")[-1]), message  # not offered
         assert not _available(family)
         checked += 1
-    assert checked == len(texts) >= 2 + {"sss": 4, "sketch": 2, "tri": 1}.get(family, 0)
+    assert checked == len(texts) >= 2 + {"sss": 4, "sketch": 2, "tri": 1, "monarch": 4}.get(family, 0)
     for case in written:  # a case of not_available.txt pins that message
         assert "not available" in case.pattern, case.id
 

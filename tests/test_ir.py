@@ -332,15 +332,21 @@ FLOPS = [
     # parameters, one multiply-add each per row, plus 2 + 2 additions of the state parts;
     # materialised: the two off-diagonal blocks B_0 C_1 and F_1 G_0, mm(2, 1, 2) each
     ("sss", "sss(p=2, d=1)", 4, 4, None, lambda b: 2 * b * 16 + 4 * b, lambda b: 2 * mm(2, 1, 2) + mm(b, 4, 4)),
-    # sparse(q=3, s=2) on 12x8: factors (12, 12), (12, 12), (12, 8); a factor gathers s inputs
-    # per output (2 b cols s) and scales its cols*s values (cols s); built, it is s one-hot
-    # products of its size (2 rows cols s) plus the scaling, then the factors multiplied
+    # sparse(q=3, s=2) on 12x8: factors (12, 12), (12, 12), (12, 8).  A gather counts GATHER = 128
+    # FLOPs per number read (sparse.py: memory-bound kernels): applied, a factor reads s inputs
+    # per output, 128 b cols s; built, one scatter of its cols*s values into rows x cols zeros,
+    # 2 rows cols + 128 cols s.  Each factor goes its cheaper way (at b = 32 and 1000: built).
     ("sparse", "sparse(q=3, s=2)", 12, 8, None,
-     lambda b: 2 * (2 * b * 12 * 2 + 12 * 2) + (2 * b * 8 * 2 + 8 * 2),
-     lambda b: 2 * (2 * 144 * 2 + 24) + (2 * 96 * 2 + 16) + mm(12, 12, 12) + mm(12, 12, 8) + mm(b, 12, 8)),
-    ("butterfly", "butterfly", 16, 16, None,  # log2(16) = 4 factors (16, 16) of s = 2
-     lambda b: 4 * (2 * b * 16 * 2 + 32),
-     lambda b: 4 * (2 * 256 * 2 + 32) + 3 * mm(16, 16, 16) + mm(b, 16, 16)),
+     lambda b: 2 * min(128 * b * 12 * 2, 2 * 144 + 128 * 24 + mm(b, 12, 12))
+     + min(128 * b * 8 * 2, 2 * 96 + 128 * 16 + mm(b, 12, 8)),
+     lambda b: 2 * (2 * 144 + 128 * 24) + (2 * 96 + 128 * 16) + mm(12, 12, 12) + mm(12, 12, 8) + mm(b, 12, 8)),
+    # butterfly on 16: 4 factors.  An elementwise op counts ELEMENTWISE = 8 FLOPs (butterfly.py).
+    # Flips: 4 elementwise ops per factor and entry, 8 * 4 * 4 * 16 b.  Blocks (split h = 2:
+    # blocks of 4): building them 8 * 2 * 16 * (4 + 4), three transposes 8 * 3 * 16 b, two block
+    # products mm(4b, 4, 4).  Materialised: the cheaper way applied to the 16 rows of I, then x W.
+    ("butterfly", "butterfly", 16, 16, None,
+     lambda b: min(8 * 4 * 4 * 16 * b, 8 * 2 * 16 * 8 + 8 * 3 * 16 * b + 2 * mm(4 * b, 4, 4)),
+     lambda b: min(8 * 4 * 4 * 16 * 16, 8 * 2 * 16 * 8 + 8 * 3 * 16 * 16 + 2 * mm(4 * 16, 4, 4)) + mm(b, 16, 16)),
 ]
 
 
@@ -360,7 +366,7 @@ def test_flops_cases_cover_every_kind():
     kinds = {type(node).__name__ for f in FLOPS
              for node in keras_decomp.parse(f[1], f[2], f[3], params=f[4]).stages[0].walk()}
     assert kinds >= {"Dense", "Diag", "LowRank", "SumOf", "Kron", "Product", "Slice", "Transpose", "Scale",
-                     "Add", "Tri", "Sketch", "SSS", "SparseProduct", "SparseFactor", "Identity",
+                     "Add", "Tri", "Sketch", "SSS", "SparseProduct", "ButterflyProduct", "SparseFactor", "Identity",
                      "Permutation", "Diagonal", "RankOne", "Deterministic", "Gaussian", "TiledLeaf"}, kinds
 
 

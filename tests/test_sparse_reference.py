@@ -110,7 +110,14 @@ def test_butterfly_to_dense_is_the_product_of_hand_built_factors(n, m):
     node = parse("butterfly", n, m, seed=SEED).stages[0]
     values = random_values(node)
     expected = butterfly_dense(key_of(node), values, n, m)
-    np.testing.assert_allclose(node.to_dense(values), expected, rtol=0, atol=TOL64 * np.abs(expected).max())
+    atol = TOL64 * np.abs(expected).max()
+    np.testing.assert_allclose(node.to_dense(values), expected, rtol=0, atol=atol)
+    # both ways of applying it (butterfly.py picks one by the batch): x = I gives W
+    v = {**node.fixed_arrays(), **values}
+    ways = [getattr(node, name) for name in ("apply_flips", "apply_blocks") if hasattr(node, name)]
+    for way in ways:
+        np.testing.assert_allclose(way(np.eye(n), v, np), expected, rtol=0, atol=atol, err_msg=way.__name__)
+    assert len(ways) == 2 or n * m <= 4  # (a 2x2 butterfly is one factor)
 
 
 @pytest.mark.parametrize("size", [2, 4, 16, 64])
@@ -155,7 +162,8 @@ def test_layer_output_is_x_times_the_hand_built_matrix_in_both_modes(text, n, m,
         w = butterfly_dense(key_of(node), rounded, n, m)
     else:
         w = sparse_dense(node, node.fixed_arrays(), rounded, n, m, q)
-    x = np.random.default_rng(0).normal(size=(5, n)).astype("float32")
-    expected = x.astype(np.float64) @ w + np.linspace(-1.0, 1.0, m)
-    for mode in ("apply", "materialize"):
-        assert_close(layer_output(text, n, m, values, mode, x), expected, TOL32)
+    for batch in (1, 5):  # butterfly: flips at batch 1, block products at 5
+        x = np.random.default_rng(batch).normal(size=(batch, n)).astype("float32")
+        expected = x.astype(np.float64) @ w + np.linspace(-1.0, 1.0, m)
+        for mode in ("apply", "materialize"):
+            assert_close(layer_output(text, n, m, values, mode, x), expected, TOL32)
