@@ -31,13 +31,25 @@ _CONV_KEYS = ("filters", "kernel_size", "strides", "padding", "data_format", "di
               "use_bias", "bias_initializer", "bias_regularizer", "bias_constraint", "name", "dtype", "trainable")
 
 
-def decompose(model, expressions: dict, params: dict | None = None, seed: int = 0, report: dict | None = None):
+def decompose(model, expressions: dict, params: dict | None = None, seed: int = 0, report: dict | None = None,
+              data=None, calibration: str = "sequential", data_report: dict | None = None):
     """A new model whose layers named in ``expressions`` ({name: expr}) are
     decomposed and initialised from the trained kernels (``approximate``); all
     other weights, biases included, are copied.  A compiled model's compile
     settings carry over (with a fresh optimizer), ready for fine-tuning.
-    ``report``, if given, receives the relative error per replaced layer."""
+    ``report``, if given, receives the relative error per replaced layer.
+
+    ``data`` (calibration inputs: an array, a tf.data.Dataset or an iterable of
+    batches) fits each layer in the data norm ||X (W - E)||_F over its inputs X
+    (``calibrate.py``), in model order, X taken from the model being built
+    (``calibration="sequential"``) or from the original (``"original"``);
+    ``data_report`` receives each layer's relative data-norm error."""
     from .. import layers as kd
+    from .calibrate import MODES, calibration_batches, layer_gram
+
+    if calibration not in MODES:
+        raise DecompError(f"calibration must be one of {', '.join(MODES)}, got '{calibration}'")
+    batches = calibration_batches(data) if data is not None else None
 
     names = {layer.name for layer in model.layers}
     for name in expressions:
@@ -66,7 +78,11 @@ def decompose(model, expressions: dict, params: dict | None = None, seed: int = 
     for old, layer in zip(model.layers, new.layers):
         if old.name in expressions:
             bias = keras.ops.convert_to_numpy(old.bias) if old.use_bias else None
-            errors[old.name] = initialize_from(layer, kernel_matrix(old), bias)
+            gram = None
+            if batches is not None:
+                source, seen = (new, layer) if calibration == "sequential" else (model, old)
+                gram = layer_gram(source, seen, batches, name=old.name)
+            errors[old.name] = initialize_from(layer, kernel_matrix(old), bias, gram=gram, data_errors=data_report)
         else:
             layer.set_weights(old.get_weights())
     if getattr(model, "compiled", False) and model.get_compile_config():

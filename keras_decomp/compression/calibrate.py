@@ -1,0 +1,124 @@
+"""Calibration data -> the Gram matrix X^T X of one layer's inputs, as its kernel sees them.
+
+``decompose(model, ..., data=...)`` fits each decomposed layer in the data
+norm ||X (W - E)||_F (``fitting/data_norm.py``), X the layer's recorded inputs
+laid out as rows of the (n, m) kernel matrix: a Dense layer's inputs
+(leading axes flattened), a Conv2D layer's im2col patches in (kh, kw, cin)
+order, an EinsumDense layer's contracted axes flattened.  Only X^T X is kept,
+summed batch by batch, so memory is n^2 whatever the number of samples.
+
+Layers are calibrated in model order, each on the activations of the model
+being built, whose earlier layers are already compressed (``sequential``, as
+GPTQ does), or on the original model's (``original``).
+
+>>> import keras, numpy as np
+>>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")])
+>>> gram = layer_gram(model, model.get_layer("d"), np.eye(4, dtype="float32"))
+>>> bool(np.allclose(gram, np.eye(4)))
+True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DecompError
+from ..fitting.data_norm import Gram
+
+BATCH = 256  # rows of an array cut into calibration batches
+MODES = ("sequential", "original")
+
+
+def calibration_batches(data) -> list:
+    """``data`` (an array, a tf.data.Dataset, or an iterable of batches; an
+    element may be (inputs, labels)) as a list of input batches, read once:
+    every layer goes over them again.
+
+    >>> [b.shape for b in calibration_batches(np.zeros((600, 3)))]
+    [(256, 3), (256, 3), (88, 3)]
+    """
+    if isinstance(data, np.ndarray):
+        return [data[i:i + BATCH] for i in range(0, len(data), BATCH)]
+    try:
+        items = list(data)
+    except TypeError:
+        raise DecompError(f"calibration data must be an array, a tf.data.Dataset or an iterable of batches, "
+                          f"got {type(data).__name__}") from None
+    batches = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
+    if not batches:
+        raise DecompError("the calibration data is empty")
+    return batches
+
+
+def layer_gram(model, layer, batches, name: str | None = None) -> np.ndarray:
+    """X^T X of ``layer``'s inputs in ``model`` (float64, (n, n)) over ``batches``.
+
+    A batch of the wrong shape, or with NaN or infinite values (in the data or
+    in the activations it gives), is a DecompError naming the layer and the batch.
+    """
+    import keras
+
+    name = name or layer.name
+    if isinstance(batches, np.ndarray):
+        batches = calibration_batches(batches)
+    try:
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        features = keras.Model(inputs, layer.input)
+    except (ValueError, AttributeError) as err:
+        raise DecompError(f"layer '{name}': cannot read its inputs for calibration ({err})",
+                          hint="calibration needs a functional or Sequential model") from None
+    expected = tuple(model.inputs[0].shape[1:])
+    rows = _rows_of(layer)
+    gram = None
+    for i, batch in enumerate(batches):
+        batch = np.asarray(batch)
+        where = f"layer '{name}': calibration batch {i}"
+        if batch.ndim < 1 or tuple(batch.shape[1:]) != expected:
+            raise DecompError(f"{where} has shape {batch.shape}, the model takes (batch, {', '.join(map(str, expected))})")
+        if not np.all(np.isfinite(batch)):
+            raise DecompError(f"{where} has {int(batch.size - np.count_nonzero(np.isfinite(batch)))} NaN or "
+                              "infinite values", hint="clean the calibration data")
+        X = rows(keras.ops.convert_to_numpy(features(batch.astype("float32"), training=False)))
+        gram = gram or Gram(X.shape[-1])
+        try:
+            gram.add(X)
+        except DecompError as err:
+            raise DecompError(f"{where}: the layer's {err.fact}", hint="the model before it overflows on "
+                              "this batch") from None
+    return gram.matrix
+
+
+def _rows_of(layer):
+    """inputs -> (samples, n): the rows that the layer's kernel matrix multiplies."""
+    kind = type(layer).__name__
+    if kind == "Conv2D":
+        return lambda x: conv_patches(x, layer)
+    if kind == "EinsumDense":
+        return lambda x: einsum_rows(x, layer)
+    return lambda x: x.reshape(-1, x.shape[-1])
+
+
+def conv_patches(x, layer) -> np.ndarray:
+    """A Conv2D layer's im2col patches, rows in the kernel's (kh, kw, cin) order."""
+    import keras
+
+    if layer.data_format == "channels_first":
+        x = np.moveaxis(x, 1, -1)
+    patches = keras.ops.image.extract_patches(x, tuple(layer.kernel_size), strides=tuple(layer.strides),
+                                             dilation_rate=tuple(layer.dilation_rate),
+                                             padding=layer.padding, data_format="channels_last")
+    patches = keras.ops.convert_to_numpy(patches)
+    return patches.reshape(-1, patches.shape[-1])
+
+
+def einsum_rows(x, layer) -> np.ndarray:
+    """An EinsumDense layer's inputs with the contracted axes flattened last (the
+    rows of its kernel read as (contracted, free))."""
+    inputs, rest = layer.equation.split(",")
+    kernel = rest.split("->")[0]
+    contracted = [c for c in inputs if c in kernel]
+    kept = [c for c in inputs if c not in kernel]
+    order = [inputs.index(c) for c in kept + [c for c in kernel if c in contracted]]
+    x = np.transpose(x, order)
+    size = int(np.prod([x.shape[len(kept) + j] for j in range(len(contracted))]))
+    return x.reshape(-1, size)
