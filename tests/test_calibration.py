@@ -263,3 +263,30 @@ def test_fine_tune_distils_towards_the_teacher():
               learning_rate=1e-2, batch_size=64)
     after = np.mean((keras.ops.convert_to_numpy(student(x)) - t) ** 2)
     assert after < 0.5 * before
+
+
+def test_compress_command_calibrates_and_distils(tmp_path, capsys):
+    import keras
+
+    from keras_decomp.cli.main import main
+    from keras_decomp.layers import load_model
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(32, activation="relu", name="hidden"), keras.layers.Dense(10)])
+    path, out = tmp_path / "m.keras", tmp_path / "small.keras"
+    model.save(path)
+    code = main(["compress", str(path), "--layer", "hidden=lowrank(r=4)", "--out", str(out), "--data", "bundled",
+                 "--calibrate", "300", "--distill", "--epochs", "1"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    lines = text.splitlines()
+    assert lines[0] == "data: fashion_mnist, bundled subset (5000 train / 1000 test); calibrated on 300 training images"
+    assert lines[1].split()[-3:] == ["error", "data-norm", "error"]
+    weight_error, data_error = map(float, lines[2].split()[-2:])
+    assert 0 < data_error < weight_error  # random kernel, structured images: the fit favours the inputs
+    assert "test accuracy after 1 epoch(s) of fine-tuning by distillation (temperature 2.0, alpha 0.5): 0." in text
+    assert load_model(out).get_layer("hidden").W == "lowrank(r=4)"
+    assert main(["compress", str(path), "--layer", "hidden=lowrank(r=4)", "--out", str(out), "--data", "none",
+                 "--calibrate", "10"]) == 2
+    assert "--calibrate, --epochs and --distill need data" in capsys.readouterr().err

@@ -110,17 +110,21 @@ def accuracy_on(model, data) -> tuple[float | None, str]:
     return float(np.mean(np.argmax(scores, axis=-1) == data.y_test)), ""
 
 
-def comparison(model, new, errors: dict, accuracy=(None, None), why: str = "") -> str:
+def comparison(model, new, errors: dict, accuracy=(None, None), why: str = "", data_errors=None) -> str:
     """The before/after table of ``decompose``: per replaced layer its
-    parameters and approximation error, for the whole model its parameters and
-    test accuracy (``why`` says why there is none)."""
+    parameters and approximation error (and, with calibration data, the error
+    on its inputs, ||X (W - E)|| / ||X W||), for the whole model its parameters
+    and test accuracy (``why`` says why there is none)."""
     by_name = {layer.name: layer for layer in new.layers}
     old_layers = {layer.name: layer for layer in model.layers}
-    rows = [["layer", "expression", "params before", "params after", "approximation error"]]
+    data_errors = data_errors or {}
+    extra = ["data-norm error"] if data_errors else []
+    rows = [["layer", "expression", "params before", "params after", "approximation error"] + extra]
     for name, error in errors.items():
         rows.append([name, by_name[name].W, str(old_layers[name].count_params()),
-                     str(by_name[name].count_params()), f"{error:.3e}"])
-    rows.append(["model", "", str(model.count_params()), str(new.count_params()), ""])
+                     str(by_name[name].count_params()), f"{error:.3e}"]
+                    + ([f"{data_errors[name]:.3e}" if name in data_errors else ""] if extra else []))
+    rows.append(["model", "", str(model.count_params()), str(new.count_params()), ""] + [""] * len(extra))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     before, after = accuracy

@@ -45,7 +45,8 @@ def fine_tune(student, teacher, data, epochs: int = 1, temperature: float = 2.0,
     """Train ``student`` for ``epochs`` on ``data`` = (x, y) arrays or a
     tf.data.Dataset of (x, y) batches, distilling from ``teacher``; returns
     the Keras History.  The student is compiled afresh (Adam at
-    ``learning_rate``, the loss above, accuracy on the labels)."""
+    ``learning_rate``, the loss above, accuracy on the labels) and, when done,
+    with the labels' cross-entropy, so that it saves and loads as usual."""
     import keras
 
     if not 0.0 <= alpha <= 1.0:
@@ -69,13 +70,17 @@ def fine_tune(student, teacher, data, epochs: int = 1, temperature: float = 2.0,
         x, y = data
         packed = np.concatenate([np.asarray(y, "float32").reshape(-1, 1),
                                  teacher_logits(x, batch_size)], axis=1)
-        return student.fit(x, packed, epochs=epochs, batch_size=batch_size, verbose=verbose)
-    import tensorflow as tf
+        history = student.fit(x, packed, epochs=epochs, batch_size=batch_size, verbose=verbose)
+    else:
+        import tensorflow as tf
 
-    def pack(x, y):
-        t = teacher_logits(x, None)
-        return x, tf.concat([tf.cast(tf.reshape(y, (-1, 1)), "float32"), t], axis=1)
-    return student.fit(data.map(pack), epochs=epochs, verbose=verbose)
+        def pack(x, y):
+            t = teacher_logits(x, None)
+            return x, tf.concat([tf.cast(tf.reshape(y, (-1, 1)), "float32"), t], axis=1)
+        history = student.fit(data.map(pack), epochs=epochs, verbose=verbose)
+    student.compile(optimizer=keras.optimizers.Adam(learning_rate), metrics=["accuracy"],
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not student_probs))
+    return history
 
 
 def _outputs_probabilities(model) -> bool:
