@@ -163,10 +163,10 @@ def test_sequential_calibration_feeds_each_layer_the_compressed_models_activatio
     calibrate.layer_gram = spy
     try:
         expressions = {"a": "lowrank(r=2)", "b": "lowrank(r=2)"}
-        new = decompose(model, expressions, data=data)
+        new = decompose(model, expressions, data=data, center=False)
         assert [(s is new, layer is new.get_layer(n)) for (s, layer, _), n in zip(seen, "ab")] == [(True, True)] * 2
         seen.clear()
-        old = decompose(model, expressions, data=data, calibration="original")
+        old = decompose(model, expressions, data=data, calibration="original", center=False)
         assert [(s is model, layer is model.get_layer(n)) for (s, layer, _), n in zip(seen, "ab")] == [(True, True)] * 2
     finally:
         calibrate.layer_gram = original
@@ -226,7 +226,7 @@ def test_conv2d_calibration_reads_im2col_patches():
     padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
     rows = [padded[b, i:i + 3, j:j + 3].ravel() for b in range(5) for i in range(0, 7, 2) for j in range(0, 7, 2)]
     hand = np.stack(rows).astype(np.float64)
-    assert np.allclose(layer_gram(model, conv, x), hand.T @ hand, rtol=1e-5, atol=1e-4)
+    assert np.allclose(layer_gram(model, conv, x).matrix, hand.T @ hand, rtol=1e-5, atol=1e-4)
 
 
 def test_distillation_loss_on_hand_computed_logits():
@@ -290,3 +290,46 @@ def test_compress_command_calibrates_and_distils(tmp_path, capsys):
     assert main(["compress", str(path), "--layer", "hidden=lowrank(r=4)", "--out", str(out), "--data", "none",
                  "--calibrate", "10"]) == 2
     assert "--calibrate, --epochs and --distill need data" in capsys.readouterr().err
+
+
+def test_einsum_rows_flatten_the_contracted_axes_in_kernel_order():
+    import keras
+
+    from keras_decomp.compression.calibrate import einsum_rows
+
+    for equation, shape, out_shape in (("abc,cd->abd", (3, 4, 5), (4, 6)), ("abcd,dce->abe", (2, 3, 4, 5), (3, 7)),
+                                       ("...b,bc->...c", (2, 3, 4, 6), (5,))):
+        layer = keras.layers.EinsumDense(equation, out_shape, name="e")
+        x = RNG.normal(size=shape).astype("float32")
+        out = keras.ops.convert_to_numpy(layer(x))
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        spec_w = equation.split(",")[1].split("->")[0]
+        spec_out = equation.split("->")[1].removeprefix("...")
+        free = [c for c in spec_w if c in spec_out]
+        contracted = [c for c in spec_w if c not in spec_out]
+        matrix = np.transpose(kernel, [spec_w.index(c) for c in contracted + free]).reshape(
+            int(np.prod([kernel.shape[spec_w.index(c)] for c in contracted])), -1)
+        rows = einsum_rows(x, layer)
+        # free axes come last in every output here, in kernel order: out reshaped is rows @ matrix
+        assert np.abs(rows @ matrix - out.reshape(rows.shape[0], -1)).max() < 1e-5 * np.abs(out).max()
+
+
+def test_centred_calibration_fits_the_scatter_and_corrects_the_bias():
+    import keras
+
+    from keras_decomp.compression.decompose import decompose
+
+    model = _two_layer_model()
+    new = decompose(model, {"a": "lowrank(r=2)"}, data=X.astype("float32"), center=True)
+    x = X.astype("float32").astype(np.float64)
+    mean = x.mean(axis=0)
+    scatter = (x - mean).T @ (x - mean)
+    layer = new.get_layer("a")
+    values, _ = approximate(_kernel(model.get_layer("a")).astype(np.float64), layer.node, gram=scatter)
+    E = layer.node.to_dense(values)
+    W_a = _kernel(model.get_layer("a")).astype(np.float64)
+    assert np.abs(_kernel(layer) - E).max() < 1e-4 * np.abs(E).max()
+    b = keras.ops.convert_to_numpy(model.get_layer("a").bias)
+    expected_bias = b + mean @ (W_a - E)
+    got = keras.ops.convert_to_numpy(layer.bias)
+    assert np.abs(got - expected_bias).max() < 1e-4 * np.abs(expected_bias).max()

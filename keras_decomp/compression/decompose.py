@@ -23,6 +23,7 @@ from __future__ import annotations
 import keras
 
 from ..errors import DecompError
+from ..fitting.data_norm import DAMPING
 from ..training.staging import initialize_from, kernel_matrix
 
 _DENSE_KEYS = ("units", "activation", "use_bias", "bias_initializer", "bias_regularizer", "bias_constraint",
@@ -32,7 +33,8 @@ _CONV_KEYS = ("filters", "kernel_size", "strides", "padding", "data_format", "di
 
 
 def decompose(model, expressions: dict, params: dict | None = None, seed: int = 0, report: dict | None = None,
-              data=None, calibration: str = "sequential", data_report: dict | None = None):
+              data=None, calibration: str = "sequential", center: bool = False, damping: float = DAMPING,
+              data_report: dict | None = None):
     """A new model whose layers named in ``expressions`` ({name: expr}) are
     decomposed and initialised from the trained kernels (``approximate``); all
     other weights, biases included, are copied.  A compiled model's compile
@@ -43,9 +45,12 @@ def decompose(model, expressions: dict, params: dict | None = None, seed: int = 
     batches) fits each layer in the data norm ||X (W - E)||_F over its inputs X
     (``calibrate.py``), in model order, X taken from the model being built
     (``calibration="sequential"``) or from the original (``"original"``);
-    ``data_report`` receives each layer's relative data-norm error."""
+    ``center`` fits the centred inputs and corrects the bias by the mean error
+    (``calibrate.fit_to_inputs``); ``damping`` regularises X^T X (a fraction of
+    its mean diagonal, ``fitting.data_norm``); ``data_report`` receives each
+    layer's relative data-norm error."""
     from .. import layers as kd
-    from .calibrate import MODES, calibration_batches, layer_gram
+    from .calibrate import MODES, calibration_batches, fit_to_inputs, layer_gram
 
     if calibration not in MODES:
         raise DecompError(f"calibration must be one of {', '.join(MODES)}, got '{calibration}'")
@@ -78,11 +83,12 @@ def decompose(model, expressions: dict, params: dict | None = None, seed: int = 
     for old, layer in zip(model.layers, new.layers):
         if old.name in expressions:
             bias = keras.ops.convert_to_numpy(old.bias) if old.use_bias else None
-            gram = None
-            if batches is not None:
-                source, seen = (new, layer) if calibration == "sequential" else (model, old)
-                gram = layer_gram(source, seen, batches, name=old.name)
-            errors[old.name] = initialize_from(layer, kernel_matrix(old), bias, gram=gram, data_errors=data_report)
+            if batches is None:
+                errors[old.name] = initialize_from(layer, kernel_matrix(old), bias)
+                continue
+            source, seen = (new, layer) if calibration == "sequential" else (model, old)
+            gram = layer_gram(source, seen, batches, name=old.name)
+            errors[old.name] = fit_to_inputs(layer, kernel_matrix(old), bias, gram, center, damping, data_report)
         else:
             layer.set_weights(old.get_weights())
     if getattr(model, "compiled", False) and model.get_compile_config():

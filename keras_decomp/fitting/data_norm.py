@@ -50,6 +50,7 @@ class Gram:
 
     def __init__(self, n: int):
         self.matrix = np.zeros((n, n))
+        self.total = np.zeros(n)  # the sum of the rows: their mean, for a bias correction
         self.count = 0
 
     def add(self, X) -> None:
@@ -62,7 +63,17 @@ class Gram:
             raise DecompError(f"inputs have {int(X.size - np.count_nonzero(np.isfinite(X)))} NaN or "
                               "infinite entries", hint="clean the calibration data")
         self.matrix += X.T @ X
+        self.total += X.sum(axis=0)
         self.count += X.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    def scatter(self) -> np.ndarray:
+        """sum (x - mean)^T (x - mean): the Gram of the centred rows.  A fit in
+        this norm plus the bias correction mean (W - E) is the best affine fit."""
+        return self.matrix - self.count * np.outer(self.mean, self.mean)
 
 
 def whitening(G, damping: float = DAMPING) -> np.ndarray:

@@ -31,10 +31,12 @@ import numpy as np
 from . import atomic
 from . import distribute as distribution
 from ..fitting.approximate import fit as fit_matrix
+from ..fitting.data_norm import DAMPING
 from ..errors import DecompError
 
 
-def initialize_from(layer, W: np.ndarray, bias=None, gram=None, data_errors: dict | None = None) -> float:
+def initialize_from(layer, W: np.ndarray, bias=None, gram=None, damping: float = DAMPING,
+                    data_errors: dict | None = None) -> float:
     """Set a decomposed layer's variables to the best fit of the dense W (its
     (n, m) kernel matrix); copy the bias.  Returns the relative error.
     With ``gram`` (X^T X of the layer's inputs) the fit is in the data norm
@@ -49,7 +51,7 @@ def initialize_from(layer, W: np.ndarray, bias=None, gram=None, data_errors: dic
     fitted = fitted_shapes(layer.node)
     if dist.is_chief:
         try:
-            result = fit_matrix(W, layer.node, seed=layer.seed, gram=gram)
+            result = fit_matrix(W, layer.node, seed=layer.seed, gram=gram, damping=damping)
         except DecompError as err:  # e.g. a kernel with NaN: say whose
             raise type(err)(f"layer '{layer.name}': {err.fact}", text=err.text, pos=err.pos, hint=err.hint) from None
         values, error = {key: result.values[key] for key in shapes}, result.weight_error
