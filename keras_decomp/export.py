@@ -149,6 +149,8 @@ def inference_model(model, forms: dict[str, str]):
     from .layers.base import _Decomposed
 
     def clone(layer):
+        if training_only(layer):  # identity at inference: left out, so no random op reaches the file
+            return keras.layers.Identity(name=layer.name)
         config = layer.get_config()
         if layer.name in forms and forms[layer.name] == "folded":
             return _plain_class(layer).from_config(_plain_config(layer, config))
@@ -163,9 +165,18 @@ def inference_model(model, forms: dict[str, str]):
             new.kernel.assign(folded_kernel(old).reshape(new.kernel.shape))
             if old.bias is not None:
                 new.bias.assign(keras.ops.convert_to_numpy(old.bias))
-        else:
+        elif not training_only(old):
             new.set_weights(old.get_weights())
     return copy
+
+
+def training_only(layer) -> bool:
+    """A Keras augmentation layer (RandomFlip, RandomTranslation, ...): it changes training
+    batches and passes inputs through unchanged at inference."""
+    import keras
+
+    name = type(layer).__name__
+    return name.startswith("Random") and getattr(keras.layers, name, None) is type(layer)
 
 
 def folded_kernel(layer) -> np.ndarray:
@@ -342,14 +353,14 @@ def _compare(reference, got, labels=None) -> dict:
 
 def check_tflite(path, model, sample, labels=None) -> dict:
     """The file's outputs on ``sample`` (batch 1, LiteRT) against Keras's, and its latency."""
-    reference = np.asarray(model(sample))
+    reference = np.asarray(model(sample, training=False))  # inference: augmentation layers pass through
     return {**_compare(reference, run_tflite(path, sample), labels), "latency_s": latency(path, sample)}
 
 
 def _check_saved_model(path, model, sample, labels=None) -> dict:
     import keras
     reloaded = keras.layers.TFSMLayer(str(path), call_endpoint="serve")
-    return _compare(np.asarray(model(sample)), np.asarray(reloaded(sample)), labels)
+    return _compare(np.asarray(model(sample, training=False)), np.asarray(reloaded(sample)), labels)
 
 
 def export_from_spec(model, section: dict, out, sample=None, representative_data=None, labels=None) -> dict:

@@ -8,7 +8,8 @@ Methods, chosen from the expression's structure:
 - multilinear (several trainable factors, each appearing once):
   alternating least squares, each block solved exactly, so the error never
   increases from one sweep to the next;
-- anything else: gradient descent on ||W - E||_F^2 (``gradient.py``).
+- anything else: gradient descent on ||W - E||_F^2 (``gradient.py``), its
+  gradient by reverse-mode differentiation in numpy (``autodiff.py``).
 Structures with their own method (sss, sparse, sketch, tri) register it with
 ``methods.register`` in their module of this package.  numpy and scipy only.
 
@@ -33,7 +34,7 @@ from ..language.parse import parse
 from ..operators.fixed import FixedLeaf
 from ..operators.structures.basic import Dense, Diag, LowRank, SumOf
 from . import methods
-from . import sketch, sparse, sss, tri  # noqa: F401 - each registers its structure's own fit
+from . import monarch, sketch, sparse, sss, tri  # noqa: F401 - each registers its structure's own fit
 from .methods import register  # noqa: F401 - the plug-in entry point, also here
 from .data_norm import DAMPING, check_gram, data_error, refine, whitened, whitened_svd, whitening
 from .target import check_target, rel_error

@@ -23,7 +23,11 @@ class Structure:
 
     ``build(low, call, args, rows, cols, key)`` gets the checked keyword
     arguments as ``args`` (ints or floats, symbols resolved).  ``size`` is
-    the argument that ``params=`` replaces.
+    the argument that ``params=`` replaces.  ``count(rows, cols, size)``, where
+    given, is the trainable count without building a node (None: no such
+    node): ``params=`` then picks, among sizes 1..min(rows, cols), the one with
+    the largest count within budget, for structures whose count falls as the
+    size grows (monarch's b blocks).
     """
 
     name: str
@@ -33,6 +37,7 @@ class Structure:
     positional: int = 0
     size: str | None = None
     hint: Callable | None = None
+    count: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,8 @@ def _within_budget(low, structure, call, args, budget, rows, cols, key):
     if isinstance(fraction, bool) or not 0 < fraction <= 1:
         raise ArgumentError(f"params= must be a fraction in (0, 1], got {fraction!r}", pos=pos)
     allowed = fraction * rows * cols
+    if structure.count:
+        return _best_count(low, structure, call, args, (fraction, pos), rows, cols, key)
 
     def node(size):
         return structure.build(low, call, {**args, structure.size: size}, rows, cols, key)
@@ -144,6 +151,21 @@ def _within_budget(low, structure, call, args, budget, rows, cols, key):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if node(mid).num_params <= allowed else (lo, mid)
     return node(lo)
+
+
+def _best_count(low, structure, call, args, budget, rows, cols, key):
+    """params= for a structure with ``count``: the size whose count is the largest within budget."""
+    fraction, pos = budget
+    allowed = fraction * rows * cols
+    counts = {size: structure.count(rows, cols, size) for size in range(1, min(rows, cols) + 1)}
+    fits = [(count, -size) for size, count in counts.items() if count is not None and count <= allowed]
+    if not fits:
+        smallest = min(c for c in counts.values() if c is not None)
+        raise ArgumentError(f"impossible budget: the smallest {call.func} has {smallest} trainable parameters, "
+                            f"more than params={fraction:g} of {rows}x{cols} ({int(allowed)})", pos=pos,
+                            hint="raise the fraction or choose a smaller structure")
+    size = -max(fits)[1]
+    return structure.build(low, call, {**args, structure.size: size}, rows, cols, key)
 
 
 # ---- the built-in structures ------------------------------------------------
