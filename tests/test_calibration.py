@@ -114,7 +114,7 @@ def test_gram_accumulates_batches_and_refuses_bad_input():
 def test_data_norm_fits_beat_weight_fits_in_the_data_norm():
     # every method family: the data-norm fit may not lose to the weight fit in its own norm
     gram = X.T @ X
-    cases = ["sss(p=3, d=2)", "lowrank(r=2) + sum(G, n=3)", "sketch(k=2)", "sparse(q=2, s=3)"]
+    cases = ["sss(p=3, d=2)", "lowrank(r=2) + sum(G, n=3)", "sketch(k=2)", "sparse(q=2, s=3)", "monarch(b=3)"]
     for expr in cases:
         node = parse(expr, N, M).stages[-1]
         weight = fit(W, node)
