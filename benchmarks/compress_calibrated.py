@@ -38,6 +38,7 @@ FAMILIES = {  # family -> expression for a (n, m) kernel at a fraction f of its 
     "sss": lambda f, n, m: f"sss(p=16, params={f})",
     "sketch": lambda f, n, m: f"sketch(params={f})",
     "dct_basis": lambda f, n, m: f"DCT[:{max(1, math.floor(f * n))}] dense",  # a fixed basis, trained coefficients
+    "monarch": lambda f, n, m: f"monarch(params={f})",
     "sparse": lambda f, n, m: f"sparse(q=2, params={f})",
 }
 COLUMNS = ["model", "family", "fraction", "params_compressed", "params_dense_layers", "dense", "weight_only",
@@ -104,9 +105,15 @@ def run(args):
     calibration = x_train[np.random.default_rng(args.seed).choice(len(x_train), args.calibrate, replace=False)]
     build, compressed = MODELS[args.model]
     keras.utils.set_random_seed(args.seed)
-    dense = compile_(build())
     t = time.time()
-    dense.fit(x_train, y_train, epochs=args.epochs, batch_size=128, verbose=0)
+    if args.dense and Path(args.dense).exists():  # the same trained model for several runs
+        from keras_decomp.layers import load_model
+        dense = compile_(load_model(args.dense))
+    else:
+        dense = compile_(build())
+        dense.fit(x_train, y_train, epochs=args.epochs, batch_size=128, verbose=0)
+        if args.dense:
+            dense.save(args.dense)
     dense_acc = accuracy(dense, x_test, y_test)
     print(f"dense {args.model}: {dense.count_params()} params, test accuracy {dense_acc:.4f} "
           f"({args.epochs} epochs, {time.time() - t:.0f} s)", flush=True)
@@ -207,6 +214,22 @@ def plot(csv_file, out):
     print(f"wrote {out}")
 
 
+def table(csv_file) -> str:
+    """The CSV as a markdown table: accuracies in points, gaps to the dense model."""
+    with open(csv_file) as f:
+        rows = list(csv.DictReader(f))
+    head = ("| family | fraction | params | weight-only | calibrated (gap) | data err / weight err | "
+            "1 ep labels | 1 ep distill | scratch | fit s |")
+    out = [head, "|---" * 10 + "|"]
+    for r in sorted(rows, key=lambda r: (float(r["fraction"]), r["family"])):
+        pct = lambda c: "-" if r[c] in ("nan", "") else f"{100 * float(r[c]):.1f}"  # noqa: E731
+        gap = 100 * (float(r["calibrated"]) - float(r["dense"]))
+        out.append(f"| {r['family']} | {float(r['fraction']):g} | {r['params_compressed']} | {pct('weight_only')} | "
+                   f"{pct('calibrated')} ({gap:+.1f}) | {float(r['data_error']):.3f} / {float(r['weight_error']):.3f} | "
+                   f"{pct('labels_1ep')} | {pct('distill_1ep')} | {pct('scratch')} | {float(r['fit_seconds']):.0f} |")
+    return "\n".join(out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
@@ -218,11 +241,15 @@ def main():
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-scratch", action="store_true", help="skip training from scratch")
+    parser.add_argument("--dense", help="a .keras file: load the trained dense model from it, or train and save it")
     parser.add_argument("--csv", default="runs/compress_calibrated.csv")
     parser.add_argument("--plot", help="draw this CSV instead of running")
     parser.add_argument("--out", default="docs/figures/compress_calibrated.png")
+    parser.add_argument("--table", help="print this CSV as a markdown table instead of running")
     args = parser.parse_args()
-    if args.plot:
+    if args.table:
+        print(table(args.table))
+    elif args.plot:
         plot(args.plot, args.out)
     else:
         run(args)
