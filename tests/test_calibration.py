@@ -333,3 +333,34 @@ def test_centred_calibration_fits_the_scatter_and_corrects_the_bias():
     expected_bias = b + mean @ (W_a - E)
     got = keras.ops.convert_to_numpy(layer.bias)
     assert np.abs(got - expected_bias).max() < 1e-4 * np.abs(expected_bias).max()
+
+
+def test_layer_gram_reaches_a_layer_nested_in_a_subclassed_model():
+    import keras
+
+    from keras_decomp.compression.calibrate import layer_gram
+
+    class Block(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.inner = keras.layers.Dense(5, name="inner")
+
+        def call(self, x):
+            return self.inner(keras.ops.tanh(x))
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def call(self, x):
+            return self.block(2.0 * x)
+
+    net = Net()
+    x = X[:40].astype("float32")
+    net(x)
+    hidden = np.tanh(2.0 * x.astype(np.float64))
+    gram = layer_gram(net, net.block.inner, [x[:25], x[25:]])
+    assert gram.count == 40
+    assert np.allclose(gram.matrix, hidden.T @ hidden, rtol=1e-5, atol=1e-5)
+    assert "call" not in vars(net.block.inner)  # the recording hook is gone

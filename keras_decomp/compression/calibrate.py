@@ -9,7 +9,10 @@ summed batch by batch, so memory is n^2 whatever the number of samples.
 
 Layers are calibrated in model order, each on the activations of the model
 being built, whose earlier layers are already compressed (``sequential``, as
-GPTQ does), or on the original model's (``original``).
+GPTQ does), or on the original model's (``original``).  A layer's inputs are
+recorded by wrapping its ``call`` while the whole model runs eagerly on a
+batch, so a layer nested in a composite layer or a subclassed model is reached
+the same way as a top-level one.
 
 >>> import keras, numpy as np
 >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")])
@@ -19,6 +22,8 @@ GPTQ does), or on the original model's (``original``).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -57,36 +62,53 @@ def layer_gram(model, layer, batches, name: str | None = None) -> Gram:
     A batch of the wrong shape, or with NaN or infinite values (in the data or
     in the activations it gives), is a DecompError naming the layer and the batch.
     """
-    import keras
-
     name = name or layer.name
     if isinstance(batches, np.ndarray):
         batches = calibration_batches(batches)
-    try:
-        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-        features = keras.Model(inputs, layer.input)
-    except (ValueError, AttributeError) as err:
-        raise DecompError(f"layer '{name}': cannot read its inputs for calibration ({err})",
-                          hint="calibration needs a functional or Sequential model") from None
-    expected = tuple(model.inputs[0].shape[1:])
-    rows = _rows_of(layer)
-    gram = None
-    for i, batch in enumerate(batches):
-        batch = np.asarray(batch)
-        where = f"layer '{name}': calibration batch {i}"
-        if batch.ndim < 1 or tuple(batch.shape[1:]) != expected:
-            raise DecompError(f"{where} has shape {batch.shape}, the model takes (batch, {', '.join(map(str, expected))})")
-        if not np.all(np.isfinite(batch)):
-            raise DecompError(f"{where} has {int(batch.size - np.count_nonzero(np.isfinite(batch)))} NaN or "
-                              "infinite values", hint="clean the calibration data")
-        X = rows(keras.ops.convert_to_numpy(features(batch.astype("float32"), training=False)))
-        gram = gram or Gram(X.shape[-1])
-        try:
-            gram.add(X)
-        except DecompError as err:
-            raise DecompError(f"{where}: the layer's {err.fact}", hint="the model before it overflows on "
-                              "this batch") from None
+    inputs = getattr(model, "inputs", None)
+    expected = tuple(inputs[0].shape[1:]) if inputs and len(inputs) == 1 else None
+    rows, gram = _rows_of(layer), None
+    with _recording(layer) as seen:
+        for i, batch in enumerate(batches):
+            batch = np.asarray(batch)
+            where = f"layer '{name}': calibration batch {i}"
+            if batch.ndim < 1 or (expected is not None and tuple(batch.shape[1:]) != expected):
+                raise DecompError(f"{where} has shape {batch.shape}, the model takes "
+                                  f"(batch, {', '.join(map(str, expected))})")
+            if not np.all(np.isfinite(batch)):
+                raise DecompError(f"{where} has {int(batch.size - np.count_nonzero(np.isfinite(batch)))} NaN or "
+                                  "infinite values", hint="clean the calibration data")
+            seen.clear()
+            model(batch.astype("float32"), training=False)
+            if not seen:
+                raise DecompError(f"{where}: the model did not call the layer", hint="is it part of the model?")
+            for x in seen:
+                X = rows(x)
+                gram = gram or Gram(X.shape[-1])
+                try:
+                    gram.add(X)
+                except DecompError as err:
+                    raise DecompError(f"{where}: the layer's {err.fact}", hint="the model before it overflows "
+                                      "on this batch") from None
     return gram
+
+
+@contextlib.contextmanager
+def _recording(layer):
+    """While open, every call of ``layer`` appends its input (numpy) to the list
+    it yields: the model runs eagerly as it is, at any depth of nesting."""
+    import keras
+
+    seen, original = [], layer.call
+
+    def call(inputs, *args, **kwargs):
+        seen.append(keras.ops.convert_to_numpy(inputs))
+        return original(inputs, *args, **kwargs)
+    object.__setattr__(layer, "call", call)
+    try:
+        yield seen
+    finally:
+        object.__delattr__(layer, "call")
 
 
 def fit_to_inputs(layer, W, bias, gram: Gram, center: bool = False, damping: float = DAMPING,
