@@ -31,6 +31,7 @@ _LAZY = {
     "summarize": "layers.report",
     "fit_staged": "training.staging",
     "decompose": "compression.decompose",
+    "fine_tune": "compression.distill",
     "prune": "compression.prune",
     "strip": "compression.prune",
 }

@@ -5,6 +5,7 @@
                        [--distribute mirrored|multi-worker] [--allow-files-outside]
     keras-decomp export MODEL.keras --tflite OUT.tflite [--mode auto] [--quantize dynamic]
     keras-decomp compress MODEL.keras --layer NAME="EXPR" [--layer ...] --out NEW.keras [--data bundled]
+                          [--calibrate 1000] [--epochs 1 [--distill]]
     keras-decomp prune MODEL.keras --sparsity 0.9 [--method trifactor] [--fine-tune-epochs N] --out NEW.keras
     keras-decomp sweep SPEC.yaml --param k=10,20,50 [--param ...] [--seeds 0,1,2] [--data full|bundled|auto]
                        [--epochs N] [--limit N] [--reference SPEC|none] [--out DIR]
@@ -81,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--param", action="append", type=_param, default=[], metavar="NAME=VALUE",
                    help="bind a symbol of the expressions, e.g. --param k=100 (repeatable)")
     c.add_argument("--seed", type=int, default=0, help="seed of the expressions' random bases")
+    c.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="fit each layer to its inputs over N training images (the data norm), layer after "
+                        "layer on the compressed model's activations (default 0: fit the kernels alone)")
+    c.add_argument("--epochs", type=int, default=0, help="epochs of fine-tuning after compression (default 0)")
+    c.add_argument("--distill", action="store_true",
+                   help="fine-tune by distillation from the original model (KL on temperature-scaled logits "
+                        "plus the labels) instead of the labels alone")
+    c.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    c.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term (default 0.5)")
     r = commands.add_parser("prune", help="prune the Dense kernels of a trained .keras model with masks, "
                                           "fine-tune, save")
     r.add_argument("model", help="a trained model with Dense layers")
@@ -272,33 +282,9 @@ def _model_paths(args, what: str):
 
 
 def _compress(args) -> int:
-    from ..compression.decompose import accuracy_on, comparison, decompose
-    from ..layers import load_model
+    from .compress import compress
 
-    source, out = _model_paths(args, "new")
-    expressions = {}
-    for name, expression in args.layer:
-        if name in expressions:
-            raise DecompError(f"--layer {name} is given twice")
-        expressions[name] = expression
-    model = load_model(source)
-    errors = {}
-    new = decompose(model, expressions, params=dict(args.param), seed=args.seed, report=errors)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new.save(out)  # before evaluating: a missing data set must not lose the new model
-    accuracy, why = (None, None), "--data none"
-    if args.data != "none":
-        from ..training.data import load
-
-        data = load(args.dataset, source=args.data)
-        before, why = accuracy_on(model, data)
-        if before is not None:
-            accuracy = (before, accuracy_on(new, data)[0])
-        print(f"data: {data.name}, {data.source}")
-    print(comparison(model, new, errors, accuracy, why))
-    print(f"wrote {out}")
-    return 0
-
+    return compress(args, *_model_paths(args, "new"))
 
 
 def _prune(args) -> int:

@@ -1,1 +1,2 @@
-"""Trained models made smaller: decomposing their layers, pruning them."""
+"""Trained models made smaller: decomposing their layers (fitted to the kernels or, with
+calibration data, to the layers' inputs), pruning them, fine-tuning them by distillation."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import keras
 
 from ..errors import DecompError
+from ..fitting.data_norm import DAMPING
 from ..training.staging import initialize_from, kernel_matrix
 
 _DENSE_KEYS = ("units", "activation", "use_bias", "bias_initializer", "bias_regularizer", "bias_constraint",
@@ -31,13 +32,29 @@ _CONV_KEYS = ("filters", "kernel_size", "strides", "padding", "data_format", "di
               "use_bias", "bias_initializer", "bias_regularizer", "bias_constraint", "name", "dtype", "trainable")
 
 
-def decompose(model, expressions: dict, params: dict | None = None, seed: int = 0, report: dict | None = None):
+def decompose(model, expressions: dict, params: dict | None = None, seed: int = 0, report: dict | None = None,
+              data=None, calibration: str = "sequential", center: bool = False, damping: float = DAMPING,
+              data_report: dict | None = None):
     """A new model whose layers named in ``expressions`` ({name: expr}) are
     decomposed and initialised from the trained kernels (``approximate``); all
     other weights, biases included, are copied.  A compiled model's compile
     settings carry over (with a fresh optimizer), ready for fine-tuning.
-    ``report``, if given, receives the relative error per replaced layer."""
+    ``report``, if given, receives the relative error per replaced layer.
+
+    ``data`` (calibration inputs: an array, a tf.data.Dataset or an iterable of
+    batches) fits each layer in the data norm ||X (W - E)||_F over its inputs X
+    (``calibrate.py``), in model order, X taken from the model being built
+    (``calibration="sequential"``) or from the original (``"original"``);
+    ``center`` fits the centred inputs and corrects the bias by the mean error
+    (``calibrate.fit_to_inputs``); ``damping`` regularises X^T X (a fraction of
+    its mean diagonal, ``fitting.data_norm``); ``data_report`` receives each
+    layer's relative data-norm error."""
     from .. import layers as kd
+    from .calibrate import MODES, calibration_batches, fit_to_inputs, layer_gram
+
+    if calibration not in MODES:
+        raise DecompError(f"calibration must be one of {', '.join(MODES)}, got '{calibration}'")
+    batches = calibration_batches(data) if data is not None else None
 
     names = {layer.name for layer in model.layers}
     for name in expressions:
@@ -66,7 +83,12 @@ def decompose(model, expressions: dict, params: dict | None = None, seed: int = 
     for old, layer in zip(model.layers, new.layers):
         if old.name in expressions:
             bias = keras.ops.convert_to_numpy(old.bias) if old.use_bias else None
-            errors[old.name] = initialize_from(layer, kernel_matrix(old), bias)
+            if batches is None:
+                errors[old.name] = initialize_from(layer, kernel_matrix(old), bias)
+                continue
+            source, seen = (new, layer) if calibration == "sequential" else (model, old)
+            gram = layer_gram(source, seen, batches, name=old.name)
+            errors[old.name] = fit_to_inputs(layer, kernel_matrix(old), bias, gram, center, damping, data_report)
         else:
             layer.set_weights(old.get_weights())
     if getattr(model, "compiled", False) and model.get_compile_config():
@@ -94,17 +116,21 @@ def accuracy_on(model, data) -> tuple[float | None, str]:
     return float(np.mean(np.argmax(scores, axis=-1) == data.y_test)), ""
 
 
-def comparison(model, new, errors: dict, accuracy=(None, None), why: str = "") -> str:
+def comparison(model, new, errors: dict, accuracy=(None, None), why: str = "", data_errors=None) -> str:
     """The before/after table of ``decompose``: per replaced layer its
-    parameters and approximation error, for the whole model its parameters and
-    test accuracy (``why`` says why there is none)."""
+    parameters and approximation error (and, with calibration data, the error
+    on its inputs, ||X (W - E)|| / ||X W||), for the whole model its parameters
+    and test accuracy (``why`` says why there is none)."""
     by_name = {layer.name: layer for layer in new.layers}
     old_layers = {layer.name: layer for layer in model.layers}
-    rows = [["layer", "expression", "params before", "params after", "approximation error"]]
+    data_errors = data_errors or {}
+    extra = ["data-norm error"] if data_errors else []
+    rows = [["layer", "expression", "params before", "params after", "approximation error"] + extra]
     for name, error in errors.items():
         rows.append([name, by_name[name].W, str(old_layers[name].count_params()),
-                     str(by_name[name].count_params()), f"{error:.3e}"])
-    rows.append(["model", "", str(model.count_params()), str(new.count_params()), ""])
+                     str(by_name[name].count_params()), f"{error:.3e}"]
+                    + ([f"{data_errors[name]:.3e}" if name in data_errors else ""] if extra else []))
+    rows.append(["model", "", str(model.count_params()), str(new.count_params()), ""] + [""] * len(extra))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     before, after = accuracy

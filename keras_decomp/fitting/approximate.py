@@ -36,6 +36,7 @@ from ..operators.structures.basic import Dense, Diag, LowRank, SumOf
 from . import methods
 from . import monarch, sketch, sparse, sss, tri  # noqa: F401 - each registers its structure's own fit
 from .methods import register  # noqa: F401 - the plug-in entry point, also here
+from .data_norm import DAMPING, check_gram, data_error, refine, whitened, whitened_svd, whitening
 from .fast_random import FastSum, solve_between
 from .target import check_target, rel_error
 
@@ -46,25 +47,48 @@ PROBE_LIMIT = 5e10  # FLOPs we are willing to spend probing columns
 @dataclass
 class Approximation:
     values: dict
-    rel_error: float
+    rel_error: float  # in the norm that was minimised: the data norm when a Gram was given
     method: str
     history: list = field(default_factory=list)  # relative error after each sweep / step
+    weight_error: float | None = None  # ||W - E||_F / ||W||_F
+    data_error: float | None = None  # ||X (W - E)||_F / ||X W||_F, with a Gram X^T X
 
 
-def approximate(W, node_or_text, seed: int = 0, params=None, init: dict | None = None):
+def approximate(W, node_or_text, seed: int = 0, params=None, init: dict | None = None, gram=None,
+                damping: float = DAMPING):
     """(values, relative Frobenius error) of the best fit of ``node_or_text`` to W.
 
     ``node_or_text`` is an IR node or an expression (its last ``|`` stage) for
-    W's shape.  ``init`` gives starting values for iterative methods.
+    W's shape.  ``init`` gives starting values for iterative methods.  With
+    ``gram`` = X^T X of the layer's inputs X (n, n), the fit minimises the data
+    norm ||X (W - E)||_F instead (``data_norm.py``; ``damping`` regularises a
+    singular Gram) and the error returned is ||X (W - E)||_F / ||X W||_F.
+
+    >>> rng = np.random.default_rng(1)
+    >>> X, W = rng.normal(size=(200, 16)), rng.normal(size=(16, 8))
+    >>> _, weight_fit = approximate(W, "lowrank(r=2)")
+    >>> _, data_fit = approximate(W, "lowrank(r=2)", gram=X.T @ X, damping=0.0)
+    >>> fit(W, "lowrank(r=2)", gram=X.T @ X).weight_error >= weight_fit
+    True
     """
-    result = fit(W, node_or_text, seed=seed, params=params, init=init)
+    result = fit(W, node_or_text, seed=seed, params=params, init=init, gram=gram, damping=damping)
     return result.values, result.rel_error
 
 
-def fit(W, node_or_text, seed: int = 0, params=None, init: dict | None = None) -> Approximation:
-    """Like ``approximate`` but returns the method and the error history too."""
+def fit(W, node_or_text, seed: int = 0, params=None, init: dict | None = None, gram=None,
+        damping: float = DAMPING) -> Approximation:
+    """Like ``approximate`` but returns the method, the error history and both
+    errors (``weight_error``, and ``data_error`` when ``gram`` is given)."""
     W = check_target(W)
     node = _node(node_or_text, W.shape, seed, params)
+    if gram is not None:
+        return fit_data_norm(W, node, check_gram(gram, W.shape[0]), damping, seed, init)
+    result = _fit_weight_norm(W, node, seed, init)
+    result.weight_error = result.rel_error
+    return result
+
+
+def _fit_weight_norm(W, node, seed, init) -> Approximation:
     rng = np.random.default_rng(seed)
     fixed = node.fixed_arrays()
     values = {**node.init(rng), **(init or {})}
@@ -87,6 +111,35 @@ def fit(W, node_or_text, seed: int = 0, params=None, init: dict | None = None) -
     from .gradient import gradient_fit
     values, history = gradient_fit(W, node, values, fixed)
     return Approximation(values, history[-1], "gradient descent", history)
+
+
+def fit_data_norm(W, node, gram, damping: float = DAMPING, seed: int = 0, init: dict | None = None):
+    """The fit of ``node`` to W in the data norm (see ``data_norm.py``): a
+    structure's own data-norm method; the whitened truncated SVD for
+    ``lowrank``; otherwise the generic methods on R E against R W, started,
+    for a structure with its own weight-norm method only, from that fit."""
+    R = whitening(gram, damping)
+    fixed = node.fixed_arrays()
+    own, weight_method = methods.lookup_data_norm(type(node)), methods.lookup(type(node))
+    rng = np.random.default_rng(seed)
+    history = []
+    if not node.param_shapes():
+        values, name = {}, "none (nothing to train)"
+    elif own is not None:
+        values, name = own(W, node, R, rng), type(node).__name__.lower() + " in the data norm"
+    elif isinstance(node, LowRank):
+        u, v = whitened_svd(W, R, node.rank)
+        values, name = {node.key + ".u": u, node.key + ".v": v}, "whitened truncated SVD"
+    elif weight_method is not None:
+        start = weight_method(W, node, rng)
+        values, history = refine(W, node, R, start)
+        name = type(node).__name__.lower() + ", refined by gradient in the data norm"
+    else:
+        inner = _fit_weight_norm(R @ W, whitened(node, R), seed, {**node.init(rng), **(init or {})})
+        values, name, history = inner.values, inner.method + " in the data norm", inner.history
+    E = node.materialize({**fixed, **values}, np)
+    error = data_error(W, E, gram)
+    return Approximation(values, error, name, history, rel_error(W, node, values, fixed), error)
 
 
 def _node(node_or_text, shape, seed, params) -> ir.Node:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 _METHODS: dict[type, Callable] = {}
+_DATA_METHODS: dict[type, Callable] = {}
 
 
 def register(node_type: type, method: Callable) -> None:
@@ -19,3 +20,13 @@ def register(node_type: type, method: Callable) -> None:
 
 def lookup(node_type: type) -> Callable | None:
     return _METHODS.get(node_type)
+
+
+def register_data_norm(node_type: type, method: Callable) -> None:
+    """``method(W, node, R, rng) -> values`` fits nodes of ``node_type`` in the
+    data norm ||R (W - E)||_F (R upper triangular, R^T R the damped Gram)."""
+    _DATA_METHODS[node_type] = method
+
+
+def lookup_data_norm(node_type: type) -> Callable | None:
+    return _DATA_METHODS.get(node_type)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from ..errors import DecompError
 from ..language.parse import parse
@@ -84,3 +85,31 @@ def _fit(W, node, rng):
 
 
 methods.register(Sketch, _fit)
+
+
+def whitened_least_squares(W, node: Sketch, R, rng=None) -> dict:
+    """The exact least-squares fit in the data norm ||R (W - E)||_F.
+
+    In whitened coordinates the reachable matrices are R A + R B: R A = (R s1) U1
+    has its rows in U1's row space, R B = (R V) s2 its columns in R V's column
+    space (V = I (x) U2).  ``least_squares``'s argument holds there with P_V
+    replaced by the projector onto R V's columns; s1 and s2 then follow by
+    solving with R and with R V."""
+    W = np.asarray(W, dtype=np.float64)
+    fixed = node.fixed_arrays()
+    u1, u2 = fixed[node.keys["U1"]], fixed[node.keys["U2"]]
+    V = node.spread(u2, np.eye(node.spatial * node.width))  # (n, spatial * l * k)
+    RV = R @ V
+    RV_pinv = _pinv(RV)
+    M = R @ W
+    u1_pinv = _pinv(u1)
+    on_u = (M @ u1_pinv) @ u1  # M P_U
+    on_v = RV @ (RV_pinv @ M)  # P_RV M
+    both = RV @ (RV_pinv @ on_u)  # P_RV M P_U
+    scale = 2.0 * node.l
+    s1 = scale * scipy.linalg.solve_triangular(R, on_u - 0.5 * both, lower=False) @ u1_pinv
+    s2 = scale * RV_pinv @ (on_v - 0.5 * both)
+    return {node.keys["s1"]: s1, node.keys["s2"]: s2}
+
+
+methods.register_data_norm(Sketch, whitened_least_squares)

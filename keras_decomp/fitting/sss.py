@@ -7,8 +7,9 @@ boundary keeps its d leading singular triplets.
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
-from ..operators.structures.sss import SSS, _offsets
+from ..operators.structures.sss import SSS, _offsets, _stacks
 from . import methods
 
 
@@ -82,3 +83,89 @@ def _cutoff(s, W) -> float:
 
 
 methods.register(SSS, hankel_approximation)
+
+
+def whitened_hankel(W, node: SSS, R, rng=None, sweeps: int = 5) -> dict:
+    """The fit in the data norm ||R (W - E)||_F.
+
+    Start: the Hankel SVD of Rb W, Rb the Cholesky factor of the Gram's
+    diagonal blocks (one per stage, so Rb^-1 E' is still SSS with the same
+    state size: it only scales the rows of D_k, B_k and F_k).  Then
+    alternating least squares in the full data norm (``data_norm_sweeps``).
+    """
+    W = np.asarray(W, dtype=np.float64)
+    G = R.T @ R
+    ri = _offsets(node.in_sizes)
+    blocks = [np.linalg.cholesky(G[a:b, a:b]).T for a, b in zip(ri[:-1], ri[1:])]
+    values = hankel_approximation(scipy.linalg.block_diag(*blocks) @ W, node)
+    for k, block in enumerate(blocks):
+        for letter in "DBF":
+            key = node.name(letter, k)
+            if key in values:
+                values[key] = scipy.linalg.solve_triangular(block, values[key], lower=False)
+    return data_norm_sweeps(W, node, R, values, sweeps)[0]
+
+
+def data_norm_sweeps(W, node: SSS, R, values, sweeps: int = 8, tol: float = 1e-6):
+    """(values, history of ||R (W - E)||_F / ||R W||_F): alternating least
+    squares over the stage matrices in the data norm.
+
+    Each stage matrix X enters E once, in a block E[rows, cols] = left X right
+    (between the state stacks), so with the others held the best X is
+    argmin ||R (W - E_0)[:, cols] - R[:, rows] left X right||_F, E_0 the rest.
+    R E is kept up to date by the change of one block, so a solve costs
+    O(n d |cols|), not O(n^2 m).  Each solve is exact: the error never rises.
+    """
+    RW, RE = R @ W, R @ node.to_dense(values)
+    norm = np.linalg.norm(RW) or 1.0
+    history = [np.linalg.norm(RW - RE) / norm]
+    keys = list(node.param_shapes())
+    for _ in range(sweeps):
+        for key in keys:
+            rows, left, cols, right = _placement(node, key, values)
+            Rleft = R[:, rows] if left is None else R[:, rows] @ left
+            old = _block(Rleft, values[key], right)
+            rest = RW[:, cols] - (RE[:, cols] - old)
+            X = _between(Rleft, rest, right)
+            RE[:, cols] += _block(Rleft, X, right) - old
+            values = {**values, key: X}
+        history.append(np.linalg.norm(RW - RE) / norm)
+        if history[-2] - history[-1] <= tol * history[-2]:
+            break
+    return values, history
+
+
+def _placement(node: SSS, key, values):
+    """(rows, left, cols, right): where stage matrix ``key`` enters W, and the
+    stacks on each side (None: the identity), as in ``SSS.solve_block``."""
+    letter, k = key[len(node.key) + 1], int(key[len(node.key) + 2:])
+    ri, ro = _offsets(node.in_sizes), _offsets(node.out_sizes)
+    reach, observe, back, observe_back = _stacks(node, values)
+    here_in, here_out = slice(ri[k], ri[k + 1]), slice(ro[k], ro[k + 1])
+    return {"D": (here_in, None, here_out, None),
+            "B": (here_in, None, slice(ro[k + 1], None), observe[k + 1] if k + 1 < node.p else None),
+            "C": (slice(0, ri[k]), reach[k], here_out, None),
+            "A": (slice(0, ri[k]), reach[k], slice(ro[k + 1], None), observe[k + 1] if k + 1 < node.p else None),
+            "F": (here_in, None, slice(0, ro[k]), observe_back[k - 1] if k > 0 else None),
+            "G": (slice(ri[k + 1], None), back[k] if k < node.p - 1 else None, here_out, None),
+            "E": (slice(ri[k + 1], None), back[k] if k < node.p - 1 else None, slice(0, ro[k]),
+                  observe_back[k - 1] if k > 0 else None)}[letter]
+
+
+def _block(left, X, right):
+    out = left @ X
+    return out if right is None else out @ right
+
+
+def _between(left, target, right):
+    """argmin_X ||target - left X right||_F through the small Gram matrices
+    left^T left and right right^T (at most a stage's size across): an SVD of
+    the tall left would dominate the sweep.  Their pseudo-inverse cuts what
+    they cannot resolve, so rank-deficient stacks give finite values."""
+    def solve(gram, rhs):
+        return np.linalg.pinv(gram, rcond=gram.shape[0] * 1e-12, hermitian=True) @ rhs
+    X = solve(left.T @ left, left.T @ target)
+    return X if right is None else solve(right @ right.T, right @ X.T).T
+
+
+methods.register_data_norm(SSS, whitened_hankel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 from ..operators.structures.tri import Tri
 from . import methods
@@ -26,3 +27,14 @@ def svd_fit(W, node: Tri, rng=None) -> dict:
 
 
 methods.register(Tri, svd_fit)
+
+
+def whitened_fit(W, node: Tri, R, rng=None) -> dict:
+    """The best fit in the data norm ||R (W - E)||_F: ``svd_fit`` of R W, then
+    G_in = R^-1 G_in' (the rank-min(k, h) whitened truncated SVD)."""
+    values = svd_fit(R @ np.asarray(W, dtype=np.float64), node)
+    values[node.keys["g_in"]] = scipy.linalg.solve_triangular(R, values[node.keys["g_in"]], lower=False)
+    return values
+
+
+methods.register_data_norm(Tri, whitened_fit)

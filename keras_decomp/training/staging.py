@@ -35,12 +35,17 @@ from . import distribute as distribution
 from . import recipe
 from .guards import finite_guard, non_finite_layers  # noqa: F401 - non_finite_layers is public here too
 from ..fitting.approximate import fit as fit_matrix
+from ..fitting.data_norm import DAMPING
 from ..errors import DecompError
 
 
-def initialize_from(layer, W: np.ndarray, bias=None) -> float:
+def initialize_from(layer, W: np.ndarray, bias=None, gram=None, damping: float = DAMPING,
+                    data_errors: dict | None = None) -> float:
     """Set a decomposed layer's variables to the best fit of the dense W (its
     (n, m) kernel matrix); copy the bias.  Returns the relative error.
+    With ``gram`` (X^T X of the layer's inputs) the fit is in the data norm
+    ||X (W - E)||_F; the weight-norm error is still the one returned, and
+    ``data_errors``, if given, receives the data-norm one under the layer's name.
 
     Under a multi-worker distribution the fit is computed on the chief only and
     broadcast, so that every worker starts the stage from the same values.
@@ -50,26 +55,30 @@ def initialize_from(layer, W: np.ndarray, bias=None) -> float:
     fitted = fitted_shapes(layer.node)
     if dist.is_chief:
         try:
-            result = fit_matrix(W, layer.node, seed=layer.seed)
+            result = fit_matrix(W, layer.node, seed=layer.seed, gram=gram, damping=damping)
         except DecompError as err:  # e.g. a kernel with NaN: say whose
             raise type(err)(f"layer '{layer.name}': {err.fact}", text=err.text, pos=err.pos, hint=err.hint) from None
-        values, error = {key: result.values[key] for key in shapes}, result.rel_error
+        values, error = {key: result.values[key] for key in shapes}, result.weight_error
+        data_error = result.data_error if result.data_error is not None else np.nan
         for key in fitted:  # a support palm4MSA found, or the seeded one if another method ran
             values[key] = result.values.get(key, layer._fixed.arrays[key])
     else:
         values = {key: np.zeros(shape) for key, shape in {**shapes, **fitted}.items()}
-        error = 0.0
-    values = dist.broadcast({**values, _ERROR: np.float64(error)})  # no parameter is named "/error"
+        error = data_error = 0.0
+    values = dist.broadcast({**values, _ERROR: np.float64(error), _DATA_ERROR: np.float64(data_error)})
     for key, variable in layer.decomposition_variables.items():
         variable.assign(np.asarray(values[key], dtype=variable.dtype))
     if fitted:
         layer.set_fitted({key: np.rint(np.asarray(values[key], dtype=np.float64)) for key in fitted})
     if bias is not None and layer.bias is not None:
         layer.bias.assign(np.asarray(bias, dtype=layer.bias.dtype))
+    if data_errors is not None and gram is not None:
+        data_errors[layer.name] = float(values[_DATA_ERROR])
     return float(values[_ERROR])
 
 
 _ERROR = "/error"
+_DATA_ERROR = "/data_error"
 
 
 def fitted_shapes(node) -> dict:

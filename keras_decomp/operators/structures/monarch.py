@@ -43,7 +43,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 
 from ...errors import ShapeError
 from ..ir import Node, matmul_cost
