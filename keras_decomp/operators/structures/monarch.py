@@ -43,7 +43,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 from ...errors import ShapeError
 from ..ir import Node, matmul_cost
 from .registry import Structure, register
