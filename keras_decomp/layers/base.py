@@ -195,7 +195,8 @@ class _Decomposed(keras.layers.Layer):
         """The saved weights; a file of keras_decomp 0.1, which kept one SSS variable per
         stage matrix, is read into the stacks of this version."""
         legacy = _legacy_keys(self)
-        if legacy is None or len(store.keys()) != len(legacy) + (self.bias is not None):
+        if legacy is None or [tuple(store[str(i)].shape) for i in range(len(store.keys()))] != \
+                list(legacy.values()) + [tuple(self.bias.shape)] * (self.bias is not None):
             return super().load_own_variables(store)
         arrays = {key: np.asarray(store[str(i)]) for i, key in enumerate(legacy)}
         for node in self.node.walk():
@@ -243,16 +244,18 @@ def _fixed_arrays(node) -> dict:
     return arrays
 
 
-def _legacy_keys(layer) -> list | None:
-    """The order of keras_decomp 0.1's variables in a layer holding an SSS node, else None."""
+def _legacy_keys(layer) -> dict | None:
+    """keras_decomp 0.1's variables (key -> shape, in its order) of a layer holding an SSS
+    node, else None."""
     if not any(hasattr(node, "legacy_params") for node in layer.node.walk()):
         return None
     owned = {id(w) for w in layer.weights}
-    keys = []
+    keys = {}
     for node in layer.node.walk():
-        own = node.legacy_params() if hasattr(node, "legacy_params") else node.own_params()
-        keys += [k for k in own if k not in keys and (hasattr(node, "legacy_params") or
-                                                      id(layer.decomposition_variables[k]) in owned)]
+        legacy = hasattr(node, "legacy_params")
+        for k, shape in (node.legacy_params() if legacy else node.own_params()).items():
+            if legacy or id(layer.decomposition_variables[k]) in owned:
+                keys.setdefault(k, tuple(shape))
     return keys
 
 

@@ -299,6 +299,10 @@ class SSS(Node):
         ops += 4 * bool(n % p) + 3 * bool(m % p)
         return Cost(self.apply_cost(batch), self.stored() + batch * (2 * n + 4 * m + 8 * p * d), ops)
 
+    def build_work(self):
+        """materialize's ops: a few per stage (products, stacks), one concatenation per column."""
+        return Cost(self.build_cost(), self.stored() + 3 * math.prod(self.shape), 8 * self.p)
+
     def build_cost(self):
         d, n, outs, ri = self.d, self.shape[0], self.out_sizes, _offsets(self.in_sizes)
         cost = 0
