@@ -415,3 +415,57 @@ def test_decompose_replaces_a_trained_dense_layer_exactly_when_d_suffices():
     x = np.random.default_rng(14).normal(size=(5, 12)).astype("float32")
     np.testing.assert_allclose(ops.convert_to_numpy(small(x)), ops.convert_to_numpy(model(x)), atol=1e-5)
     assert math.isclose(small.layers[0].node.num_params, parse("sss(p=3, d=4)", 12, 10).num_params)
+
+
+# ---- the batched apply: a few tens of ops, only the state recursion stage by stage ---------------
+
+def traced_ops(p, n=256, d=4):
+    import tensorflow as tf
+    layer = layers.Dense(n, W=f"sss(p={p}, d={d})", mode="apply", use_bias=False)
+    x = tf.ones((1, n))
+    graph = tf.function(layer).get_concrete_function(x).graph
+    return [op.type for op in graph.get_operations() if op.type not in ("Placeholder", "Const", "NoOp", "Identity")]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="reads the traced TensorFlow graph")
+def test_the_batched_apply_is_a_few_tens_of_graph_ops_two_more_per_stage():
+    sixteen, thirty_two = traced_ops(16), traced_ops(32)
+    # 7 variable reads, one batched product per letter, the recursion's product and add per step
+    assert len(sixteen) <= 64 and sixteen.count("ReadVariableOp") == 7
+    assert len(thirty_two) - len(sixteen) == 2 * 16
+    assert thirty_two.count("BatchMatMulV2") - sixteen.count("BatchMatMulV2") == 16
+    assert "MatMul" not in sixteen  # every product batched over the stages
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="converts to TFLite")
+def test_the_factored_tflite_file_has_two_operators_per_stage(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from keras_decomp.export import export
+    counts = {}
+    for p in (8, 16):
+        model = keras.Sequential([keras.Input((256,)), layers.Dense(256, W=f"sss(p={p}, d=4)", name="s")])
+        report = export(model, tmp_path / f"sss{p}.tflite", mode="factored", sample=np.ones((2, 256), "float32"))
+        assert report["forms"] == {"s": "factored"} and report["max_abs_diff"] < 1e-4
+        counts[p] = len(Interpreter(model_path=str(tmp_path / f"sss{p}.tflite"))._get_ops_details())
+    assert counts[16] <= 2 * 16 + 20 and counts[16] - counts[8] == 2 * 8
+
+
+@pytest.mark.parametrize("n, m", [(250, 90), (13, 8), (64, 64)])
+def test_padded_equal_blocks_are_exact_in_float32(n, m):
+    # near-equal blocks padded to equal ones: the padding meets zeros and is cut off
+    layer = layers.Dense(m, W="sss(p=4, d=3)", mode="apply", use_bias=False)
+    x = np.random.default_rng(20).normal(size=(6, n)).astype("float32")
+    y = np.asarray(ops.convert_to_numpy(layer(x)), np.float64)
+    values = layer_values(layer)
+    expected = x.astype(np.float64) @ dense_by_blocks(layer.node, values)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_composition_with_many_stages_is_still_fitted_by_alternating_least_squares():
+    # a stack of transitions is of degree p - 2 in W, but SSS solves it stage by stage, exactly
+    W = np.random.default_rng(21).normal(size=(30, 24))
+    result = fit(W, "sss(p=6, d=2) + lowrank(r=1)")
+    assert result.method == "alternating least squares"
+    assert all(b <= a for a, b in zip(result.history, result.history[1:]))
+    assert result.rel_error < approximate(W, "sss(p=6, d=2)")[1]
