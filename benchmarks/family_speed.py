@@ -204,7 +204,7 @@ def run(args):
                     f_share = node.cost(1, node.choose(1)).flops / (2 * size * size) if node else 1.0
                     cells = [ratios[name, k][0] for k in KINDS]
                     tl = lite.get(name)
-                    tl_text = f"{tl[1]:>15.2f} {tl[2]:>8.2f} {tl[3]:>5}" if tl else ""
+                    tl_text = f"{tl[1]:>15.3f} {tl[2]:>8.2f} {tl[3]:>5}" if tl else ""
                     print(f"{name:<10} {expression:<26} {p_share:>7.4f} {f_share:>8.4f} "
                           f"{cells[0]:>8.2f} {cells[1]:>7.2f} {cells[2]:>8.2f}  "
                           f"{dense_ms if name == 'Dense' else '':<28}{tl_text}")

@@ -315,7 +315,7 @@ def test_block_solve_of_each_stage_matrix_is_the_least_squares_one():
     for key, shape in node.param_shapes().items():
         expected = np.array(values[key])
         for i in range(shape[0]):
-            def dense_with(X, i=i):
+            def dense_with(X, i=i, key=key, expected=expected):
                 stack = expected.copy()
                 stack[i] = X
                 return node.to_dense({**values, key: stack})
@@ -419,17 +419,24 @@ def test_decompose_replaces_a_trained_dense_layer_exactly_when_d_suffices():
 
 # ---- the batched apply: a few tens of ops, only the state recursion stage by stage ---------------
 
-def traced_ops(p, n=256, d=4):
+STEPS = {"seconds_per_op": 0.0}  # ops free: the recursion runs step by step (fewer FLOPs)
+ROUNDS = {"flops_per_s": 1e300, "bytes_per_s": 1e300, "seconds_per_op": 1.0}  # only ops cost: doubling
+
+
+def traced_ops(p, n=256, d=4, **constants):
     import tensorflow as tf
-    layer = layers.Dense(n, W=f"sss(p={p}, d={d})", mode="apply", use_bias=False)
-    x = tf.ones((1, n))
-    graph = tf.function(layer).get_concrete_function(x).graph
+
+    from keras_decomp.operators.cost import use
+    with use(**constants):
+        layer = layers.Dense(n, W=f"sss(p={p}, d={d})", mode="apply", use_bias=False)
+        x = tf.ones((1, n))
+        graph = tf.function(layer).get_concrete_function(x).graph
     return [op.type for op in graph.get_operations() if op.type not in ("Placeholder", "Const", "NoOp", "Identity")]
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="reads the traced TensorFlow graph")
 def test_the_batched_apply_is_a_few_tens_of_graph_ops_two_more_per_stage():
-    sixteen, thirty_two = traced_ops(16), traced_ops(32)
+    sixteen, thirty_two = traced_ops(16, **STEPS), traced_ops(32, **STEPS)
     # 7 variable reads, one batched product per letter, the recursion's product and add per step
     assert len(sixteen) <= 64 and sixteen.count("ReadVariableOp") == 7
     assert len(thirty_two) - len(sixteen) == 2 * 16
@@ -437,15 +444,44 @@ def test_the_batched_apply_is_a_few_tens_of_graph_ops_two_more_per_stage():
     assert "MatMul" not in sixteen  # every product batched over the stages
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="reads the traced TensorFlow graph")
+def test_by_doubling_a_long_recursion_is_a_few_ops_per_doubling_of_p():
+    counts = {p: len(traced_ops(p, n=512, **ROUNDS)) for p in (64, 128, 256)}  # 6, 7, 8 rounds
+    assert counts[256] <= 90  # stepping 255 steps would be 510 ops
+    # one more round: the states' shift, product and add, the transitions' shift and product
+    assert counts[128] - counts[64] == counts[256] - counts[128] == 7
+
+
+@pytest.mark.parametrize("scan", ["steps", "doubling"])
+@pytest.mark.parametrize("p", [3, 4, 7, 16])
+def test_both_scans_equal_x_times_dense(monkeypatch, scan, p):
+    monkeypatch.setattr(SSS, "scan", lambda self, batch: scan)
+    node = sss_node(p, 3, 50, 37)
+    values = random_values(node, seed=22, scale=0.6)
+    x = np.random.default_rng(23).normal(size=(5, 50))
+    expected = x @ dense_by_blocks(node, values)
+    np.testing.assert_allclose(node.apply(x, values, np), expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
+def test_the_scan_is_chosen_by_its_cost():
+    from keras_decomp.operators.cost import use
+    with use(**ROUNDS):  # only ops cost: 2 per step against 7 per round
+        assert [sss_node(p, 3, 50, 37).scan(1) for p in (7, 16)] == ["steps", "doubling"]
+    with use(**STEPS):  # ops free: the fewer FLOPs of steps
+        assert sss_node(16, 3, 50, 37).scan(1) == "steps"
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="converts to TFLite")
 def test_the_factored_tflite_file_has_two_operators_per_stage(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
     from keras_decomp.export import export
+    from keras_decomp.operators.cost import use
     counts = {}
     for p in (8, 16):
         model = keras.Sequential([keras.Input((256,)), layers.Dense(256, W=f"sss(p={p}, d=4)", name="s")])
-        report = export(model, tmp_path / f"sss{p}.tflite", mode="factored", sample=np.ones((2, 256), "float32"))
+        with use(**STEPS):
+            report = export(model, tmp_path / f"sss{p}.tflite", mode="factored", sample=np.ones((2, 256), "float32"))
         assert report["forms"] == {"s": "factored"} and report["max_abs_diff"] < 1e-4
         counts[p] = len(Interpreter(model_path=str(tmp_path / f"sss{p}.tflite"))._get_ops_details())
     assert counts[16] <= 2 * 16 + 20 and counts[16] - counts[8] == 2 * 8

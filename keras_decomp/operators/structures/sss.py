@@ -72,9 +72,10 @@ import numpy as np
 
 from ...errors import ShapeError
 from ..cost import Cost
-from ..ir import Node
+from ..ir import Node, _static_batch
 from .blocks import block_sizes, from_blocks, offsets as _offsets, padded_stack, to_blocks
 from .registry import Structure, register
+from .scan import SCANS, scan_costs
 
 LETTERS = "ABCDEFG"
 
@@ -215,14 +216,10 @@ class SSS(Node):
             forward = xp.matmul(xs[:-1], self._equal(v, "B", xp))  # x_k B_k, k < p-1
             backward = xp.matmul(xs[1:], self._equal(v, "F", xp))  # x_k F_k, k > 0
             # step t carries h_{t+1} (causal) and g_{p-2-t} (anticausal) together
-            inputs = _unstack(xp.stack([forward, xp.flip(backward, axis=0)], axis=1), xp)
-            states = [inputs[0]]
-            if p > 2:
-                moves = _unstack(xp.stack([self._equal(v, "A", xp), xp.flip(self._equal(v, "E", xp), axis=0)],
-                                          axis=1), xp)
-                for t in range(1, p - 1):
-                    states.append(xp.matmul(states[-1], moves[t - 1]) + inputs[t])
-            states = xp.stack(states)  # (p-1, 2, batch, d)
+            inputs = xp.stack([forward, xp.flip(backward, axis=0)], axis=1)  # (p-1, 2, batch, d)
+            moves = None if p == 2 else xp.stack([self._equal(v, "A", xp), xp.flip(self._equal(v, "E", xp),
+                                                                                      axis=0)], axis=1)
+            states = SCANS[self.scan(_static_batch(x))](inputs, moves, xp)  # (p-1, 2, batch, d)
             causal = xp.matmul(states[:, 0], self._equal(v, "C", xp))  # into stages 1..p-1
             anti = xp.matmul(xp.flip(states[:, 1], axis=0), self._equal(v, "G", xp))  # into 0..p-2
             y = y + xp.pad(causal, [[1, 0], [0, 0], [0, 0]]) + xp.pad(anti, [[0, 1], [0, 0], [0, 0]])
@@ -281,21 +278,33 @@ class SSS(Node):
 
     def apply_cost(self, batch):
         """The batched apply: every padded stage matrix takes part in one
-        multiply-add per row, plus the additions that merge states and outputs."""
+        multiply-add per row, plus the additions that merge states and outputs,
+        plus the state recursion by the scan ``scan`` picks."""
         p, d = self.p, self.d
         rows, cols = -(-self.shape[0] // p), -(-self.shape[1] // p)
-        macs = p * rows * cols
-        adds = 0
+        macs, adds = p * rows * cols, 0
         if p > 1:
-            macs += 2 * (p - 1) * d * (rows + cols) + 2 * (p - 2) * d * d
-            adds = 2 * (p - 2) * d + 2 * p * cols
-        return batch * (2 * macs + adds)
+            macs += 2 * (p - 1) * d * (rows + cols)
+            adds = 2 * p * cols
+        return batch * (2 * macs + adds) + (self.scans(batch)[self.scan(batch)].flops if p > 2 else 0)
+
+    def scans(self, batch: int) -> dict:
+        """The work of the state recursions (p - 1 steps, both directions) by each way
+        of running them (scan.py): "steps" or "doubling"."""
+        return scan_costs(self.p - 1, self.d, batch, directions=2)
+
+    def scan(self, batch: int) -> str:
+        """"steps" or "doubling", whichever ``scans`` says takes less time (ties: steps)."""
+        if self.p <= 3:
+            return "steps"
+        work = self.scans(batch)
+        return "doubling" if work["doubling"].seconds() < work["steps"].seconds() else "steps"
 
     def apply_work(self, batch):
-        """The batched apply's ops: a fixed handful, two per step of the state recursion
-        (one batched d x d product, one add) and a few more to pad uneven blocks."""
+        """The batched apply's ops: a fixed handful, the recursion's (``scans``) and a few
+        more to pad uneven blocks."""
         p, d, (n, m) = self.p, self.d, self.shape
-        ops = 5 if p == 1 else 2 * p + 20
+        ops = 5 if p == 1 else 20 + (self.scans(batch)[self.scan(batch)].ops if p > 2 else 0)
         ops += 4 * bool(n % p) + 3 * bool(m % p)
         return Cost(self.apply_cost(batch), self.stored() + batch * (2 * n + 4 * m + 8 * p * d), ops)
 
@@ -341,11 +350,6 @@ def _solve(left, target, right):
         return np.linalg.pinv(a, rcond=max(a.shape) * np.finfo(np.float64).eps)
     X = target if left is None else pinv(left) @ target
     return X if right is None else X @ pinv(right)
-
-
-def _unstack(a, xp) -> list:
-    """The sub-arrays of ``a`` along its first axis, in one op where ``xp`` has one."""
-    return xp.unstack(a, axis=0) if hasattr(xp, "unstack") else list(a)
 
 
 def _orthogonal(rng, d: int) -> np.ndarray:
