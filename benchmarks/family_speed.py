@@ -185,7 +185,7 @@ def run(args):
             for share in shares:
                 cases = {f: e for f, e in families(size, share).items() if available(e, size)
                          and (not args.only or f in args.only)}
-                skipped = sorted(set(families(size, share)) - set(cases))
+                skipped = sorted(f for f in set(families(size, share)) - set(cases) if not args.only or f in args.only)
                 print(f"\n## {size} x {size}, budget {share:g} of dense" +
                       (f" (not registered here, or impossible at this budget: {', '.join(skipped)})" if skipped else ""))
                 ratios, layers = speed(size, cases, args.rounds, args.budget, args.jit)
@@ -223,10 +223,12 @@ def plot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []
+    latest = {}  # a rerun of a row replaces it
     for path in sorted(FIGURES.glob("family_speed_*.csv")):
         with open(path) as handle:
-            rows += list(csv.DictReader(handle))
+            for r in csv.DictReader(handle):
+                latest[r["backend"], r["size"], r["expression"], r["kind"]] = r
+    rows = list(latest.values())
     names = sorted({r["family"] for r in rows} - {"Dense"})
     if not names:
         raise SystemExit("no rows: run the benchmark first")

@@ -34,9 +34,11 @@ class Machine:
     seconds_per_op: float
 
 
-# benchmarks/cost_constants.py on the development machine (2 shared cores, TensorFlow 2 graph
-# mode); rerun it on another machine and pass its figures to ``use`` or KERAS_DECOMP_COST
-MEASURED = Machine(flops_per_s=1.2e11, bytes_per_s=9.1e9, seconds_per_op=5.8e-7)
+# benchmarks/cost_constants.py on the development machine (2 shared cores, TensorFlow graph
+# mode): FLOP/s and bandwidth at load 4.7, the per-op cost (ops inside a loop) at load 20, when
+# FLOP/s and bandwidth read 4 and 6 times lower; rerun it on another machine and pass its
+# figures to ``use`` or KERAS_DECOMP_COST
+MEASURED = Machine(flops_per_s=1.2e11, bytes_per_s=9.1e9, seconds_per_op=1.1e-6)
 
 _current = [MEASURED]
 
