@@ -169,12 +169,13 @@ class Node:
 
     def apply_work(self, batch: int) -> Cost:
         """Apply's work; a node without an apply of its own materialises W.  A structure
-        with its own apply: its FLOPs, its arrays read once, and one op per array, each
-        moving about a row of activations."""
+        with its own apply: its FLOPs, its arrays read once, and one op per trainable
+        array (its fixed ones, indices or bases, feed the same ops), each moving about a
+        row of activations."""
         if type(self).apply is Node.apply:
             return self.cost(batch, "materialize")
         rows, cols = self.shape
-        ops = max(1, len(self.own_params()) + len(self.own_fixed()))
+        ops = max(1, len(self.own_params()))
         return Cost(self.apply_cost(batch), self.stored() + ops * batch * (rows + cols), ops)
 
     def label(self) -> str:
@@ -354,6 +355,10 @@ class Slice(Node):
 
     def build_cost(self):
         return self.child.build_cost()
+
+    def build_work(self):
+        stores = getattr(self.child, "stores_matrix", None)  # DCT2[:k]: cut once by the layer, then read
+        return Cost() if stores is not None and stores() else super().build_work()
 
     def apply_work(self, batch):
         return self.child.best_work(batch) + Cost(0, 2 * batch * self.shape[1], 1)
