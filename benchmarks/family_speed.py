@@ -237,15 +237,18 @@ def plot():
                              squeeze=False)
     for ax, name in zip(axes.flat, names):
         mine = [r for r in rows if r["family"] == name]
+        share = "flop_share_b1" if name == "sum_R" else "param_share"  # sum(R): n scalars, n pairs of vectors
         for key in sorted({(r["backend"], r["size"], r["kind"]) for r in mine}):
-            points = sorted((float(r["param_share"]), float(r["x_dense"])) for r in mine
+            points = sorted((float(r[share]), float(r["x_dense"])) for r in mine
                             if (r["backend"], r["size"], r["kind"]) == key)
-            ax.plot(*zip(*points), marker="o", label=f"{key[0]} {key[1]} {key[2]}")
+            colour = f"C{KINDS.index(key[2]) + 3 * (key[1] == '4096')}"
+            marker = {"tensorflow": "o", "tensorflow+xla": "s", "jax": "^"}.get(key[0], "x")
+            ax.plot(*zip(*points), marker=marker, color=colour, label=f"{key[0]} {key[1]} {key[2]}")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(name)
-        ax.set_xlabel("parameters / dense")
+        ax.set_xlabel("FLOPs / dense (batch 1)" if name == "sum_R" else "parameters / dense")
         ax.set_ylabel("time / Dense")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")

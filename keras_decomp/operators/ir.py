@@ -153,8 +153,7 @@ class Node:
     def best_work(self, batch: int) -> Cost:
         return self.cost(batch, self.choose(batch))
 
-    def stored(self) -> int:
-        """Numbers held below this node, trainable and fixed."""
+    def stored(self) -> int:  # numbers held below this node, trainable and fixed
         return self.num_params + self.num_fixed
 
     def build_work(self) -> Cost:
@@ -168,10 +167,9 @@ class Node:
         return Cost(self.build_cost(), self.stored() + sum(math.prod(n.shape) for n in computing), len(computing))
 
     def apply_work(self, batch: int) -> Cost:
-        """Apply's work; a node without an apply of its own materialises W.  A structure
-        with its own apply: its FLOPs, its arrays read once, and one op per trainable
-        array (its fixed ones, indices or bases, feed the same ops), each moving about a
-        row of activations."""
+        """Apply's work; without an apply of its own, materialise's.  A structure's own apply:
+        its FLOPs, its arrays read once, one op per trainable array (fixed ones, indices or
+        bases, feed the same ops), each moving about a row of activations."""
         if type(self).apply is Node.apply:
             return self.cost(batch, "materialize")
         rows, cols = self.shape
