@@ -1,8 +1,11 @@
 """Is the cost model's choice ever much slower than the other path?
 
-For each case (an expression, a shape, a batch size), the forward pass of a decomposed
-Dense layer forced to "apply" and forced to "materialize", timed side by side in
-interleaved rounds (``benchmarks/layer_speed.py``'s compiled loops); the table gives
+For each case (an expression, a shape, a batch size), a training step (forward, backward,
+SGD update) of a decomposed Dense layer forced to "apply" and forced to "materialize",
+timed side by side in interleaved rounds (``benchmarks/layer_speed.py``'s compiled loops).
+A training step, not a forward pass: in a loop of forward passes TensorFlow's graph
+optimiser hoists the build of W (it depends on the weights only) out of the loop, which
+flatters "materialize" (``--forward`` times that anyway).  The table gives
 the path ``node.choose(batch)`` picks (operators/cost.py, the measured constants), the
 FLOP rule's pick, and the chosen path's time over the faster one's (1.00: it picked
 the faster; the target is that it never exceeds about 1.2).
@@ -44,24 +47,26 @@ CASES = [  # (expression, n, m, batch)
 ]
 
 
-def forward(layer, n, batch, jit):
+def step(layer, n, batch, jit, forward):
     x = np.random.default_rng(0).standard_normal((batch, n)).astype("float32")
+    target = np.zeros((batch, layer.units), "float32")
     loops = jax_loops if keras.backend.backend() == "jax" else tf_loops
-    return loops(layer, x, x[:, :layer.units] if layer.units <= n else np.zeros((batch, layer.units), "float32"),
-                 x, make_optimizer("sgd", layer), jit)[1]
+    return loops(layer, x, target, x, make_optimizer("sgd", layer), jit)[1 if forward else 0]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds of short calls")
     parser.add_argument("--jit", action="store_true")
+    parser.add_argument("--forward", action="store_true", help="time forward passes, not training steps")
     args = parser.parse_args(argv)
     rounds, budget = (3, 0.03) if args.quick else (7, 0.1)
     random.seed(0)
     keras.utils.set_random_seed(0)
     print(f"# {' '.join(['python'] + sys.argv)}")
     print(f"# backend {keras.backend.backend()}{' +xla' if args.jit else ''}, {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.1f}; {rounds} interleaved rounds, medians")
+          f"load {os.getloadavg()[0]:.1f}; {rounds} interleaved rounds, medians; "
+          f"{'forward passes' if args.forward else 'training steps (SGD)'}")
     print(f"{'expression':<20} {'n x m':>11} {'batch':>5} {'chosen':>12} {'FLOP rule':>12} "
           f"{'apply ms':>9} {'mat. ms':>9} {'chosen / faster':>15}")
     worst = 1.0
@@ -70,7 +75,7 @@ def main(argv=None):
         for mode in ("apply", "materialize"):
             layer = keras_decomp.layers.Dense(m, W=text, mode=mode)
             layer.build((None, n))
-            entries[mode] = forward(layer, n, batch, args.jit)
+            entries[mode] = step(layer, n, batch, args.jit, args.forward)
         times = {k: float(np.median(v)) for k, v in measure(entries, rounds, budget).items()}
         node = keras_decomp.parse(text, n, m).stages[0]
         chosen = node.choose(batch)

@@ -437,11 +437,11 @@ def traced_ops(p, n=256, d=4, **constants):
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="reads the traced TensorFlow graph")
 def test_the_batched_apply_is_a_few_tens_of_graph_ops_two_more_per_stage():
     sixteen, thirty_two = traced_ops(16, **STEPS), traced_ops(32, **STEPS)
-    # 7 variable reads, one batched product per letter, the recursion's product and add per step
-    assert len(sixteen) <= 64 and sixteen.count("ReadVariableOp") == 7
+    # 7 variable reads, one batched product per letter, the recursion's 2-D product and add per step
+    assert len(sixteen) <= 70 and sixteen.count("ReadVariableOp") == 7
     assert len(thirty_two) - len(sixteen) == 2 * 16
-    assert thirty_two.count("BatchMatMulV2") - sixteen.count("BatchMatMulV2") == 16
-    assert "MatMul" not in sixteen  # every product batched over the stages
+    assert thirty_two.count("MatMul") - sixteen.count("MatMul") == 16
+    assert sixteen.count("BatchMatMulV2") == thirty_two.count("BatchMatMulV2") == 5  # D, B, F, C, G
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="reads the traced TensorFlow graph")

@@ -58,6 +58,8 @@ def scan_costs(steps: int, d: int, batch: int, directions: int = 1) -> dict:
     rounds = max(1, math.ceil(math.log2(max(steps, 2))))
     product = directions * 2 * batch * d * d
     add = directions * batch * d
-    return {"steps": Cost((steps - 1) * (product + add), 3 * steps * add, 2 * steps + 1),
+    # stepping carries the directions in one state with block-diagonal moves: 2-D products (a tiny
+    # batched product costs TensorFlow about a hundred times more per op), twice the FLOPs
+    return {"steps": Cost((steps - 1) * (directions * product + add), 3 * steps * add, 2 * steps + 1),
             "doubling": Cost(rounds * steps * (product + add) + (rounds - 1) * steps * directions * 2 * d ** 3,
                              rounds * 4 * steps * add, 7 * rounds)}

@@ -216,12 +216,20 @@ class SSS(Node):
             forward = xp.matmul(xs[:-1], self._equal(v, "B", xp))  # x_k B_k, k < p-1
             backward = xp.matmul(xs[1:], self._equal(v, "F", xp))  # x_k F_k, k > 0
             # step t carries h_{t+1} (causal) and g_{p-2-t} (anticausal) together
-            inputs = xp.stack([forward, xp.flip(backward, axis=0)], axis=1)  # (p-1, 2, batch, d)
-            moves = None if p == 2 else xp.stack([self._equal(v, "A", xp), xp.flip(self._equal(v, "E", xp),
-                                                                                      axis=0)], axis=1)
-            states = SCANS[self.scan(_static_batch(x))](inputs, moves, xp)  # (p-1, 2, batch, d)
-            causal = xp.matmul(states[:, 0], self._equal(v, "C", xp))  # into stages 1..p-1
-            anti = xp.matmul(xp.flip(states[:, 1], axis=0), self._equal(v, "G", xp))  # into 0..p-2
+            A, E = (self._equal(v, "A", xp), xp.flip(self._equal(v, "E", xp), axis=0)) if p > 2 else (None, None)
+            d = self.d
+            if p > 2 and self.scan(_static_batch(x)) == "doubling":
+                states = SCANS["doubling"](xp.stack([forward, xp.flip(backward, axis=0)], axis=1),
+                                           None if A is None else xp.stack([A, E], axis=1), xp)
+                h, g = states[:, 0], states[:, 1]  # (p-1, batch, d) each
+            else:  # one (batch, 2d) state, block-diagonal moves: plain 2-D products, far cheaper per
+                # op in TensorFlow than tiny batched ones
+                moves = None if A is None else xp.concatenate(
+                    [xp.pad(A, [[0, 0], [0, 0], [0, d]]), xp.pad(E, [[0, 0], [0, 0], [d, 0]])], axis=1)
+                states = SCANS["steps"](xp.concatenate([forward, xp.flip(backward, axis=0)], axis=-1), moves, xp)
+                h, g = states[:, :, :d], states[:, :, d:]
+            causal = xp.matmul(h, self._equal(v, "C", xp))  # into stages 1..p-1
+            anti = xp.matmul(xp.flip(g, axis=0), self._equal(v, "G", xp))  # into 0..p-2
             y = y + xp.pad(causal, [[1, 0], [0, 0], [0, 0]]) + xp.pad(anti, [[0, 1], [0, 0], [0, 0]])
         return from_blocks(y, self.shape[1], xp)
 
