@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ..errors import DecompError
+from . import progress
 
 FD_LIMIT = 2e9  # FLOPs per step we allow central differences
 
@@ -28,6 +29,7 @@ def gradient_fit(W, node, values, fixed, steps: int = 2000, lr: float = 1e-2, to
     s = {k: np.zeros_like(v) for k, v in theta.items()}
     history = [_error(W, node, theta, fixed)]
     best = (history[0], dict(theta))
+    bar = progress.Bar(f"gradient fit {W.shape[0]}x{W.shape[1]}", total=steps)
     for t in range(1, steps + 1):
         g = grad(theta)
         for k in keys:
@@ -38,8 +40,10 @@ def gradient_fit(W, node, values, fixed, steps: int = 2000, lr: float = 1e-2, to
             history.append(_error(W, node, theta, fixed))
             if history[-1] < best[0]:
                 best = (history[-1], dict(theta))
+            bar.update(t, error=best[0])
             if abs(history[-2] - history[-1]) <= tol:
                 break
+    bar.close()
     history.append(best[0])
     return {**values, **best[1]}, history
 
