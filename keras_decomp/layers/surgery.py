@@ -127,6 +127,13 @@ def _replace_in(value, old, new, depth):
                 value[i] = new
             else:
                 _replace_in(item, old, new, depth - 1)
+        if hasattr(value, "_update_snapshot"):
+            # TensorFlow's ListWrapper refuses to be saved (a SavedModel, for TFLite) once an element
+            # is replaced, here or in the list it wraps, for the sake of restoring checkpoints by
+            # position; the position keeps its meaning (the same layer's place), so it may be saved
+            value._non_append_mutation = False
+            value._external_modification = False
+            value._update_snapshot()
     elif isinstance(value, dict):
         for key, item in list(value.items()):
             if item is old:
