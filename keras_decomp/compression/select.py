@@ -54,7 +54,7 @@ def targets(model, expressions: dict) -> list[Target]:
         hits = [(entry, path) for entry, path in zip(found, paths) if matches(model, entry[0], pattern)]
         if not hits:
             raise DecompError(f"the pattern '{pattern}' matches no layer of the model",
-                              hint=_nearest(pattern, paths))
+                              hint=_nearest(pattern, paths, _usable(found, paths)))
         glob = bool(_GLOB & set(pattern))
         usable = [(entry, path) for entry, path in hits if decomposable(entry[0]) is None]
         if not glob:
@@ -66,7 +66,7 @@ def targets(model, expressions: dict) -> list[Target]:
             (layer, _, _), path = hits[0]
             raise DecompError(f"the pattern '{pattern}' matches {len(hits)} layer(s), none of which can be "
                               f"decomposed: '{path}' is {decomposable(layer)}",
-                              hint=_inside(model, layer, found, paths) or _nearest(pattern, _usable(found, paths)))
+                              hint=_inside(model, layer, found, paths) or _nearest(pattern, [], _usable(found, paths)))
         for (layer, parents, chain), path in usable:
             earlier = chosen.get(id(layer))
             if earlier is not None and earlier.expression != expression:
@@ -91,12 +91,14 @@ def _inside(model, layer, found, paths) -> str | None:
     return f"it holds {len(below)} layer(s) that can be: {shown}; e.g. the pattern '{prefix}*'"
 
 
-def _nearest(pattern: str, paths: list[str]) -> str:
-    if not paths:
-        return "the model has no layer that can be decomposed"
+def _nearest(pattern: str, paths: list[str], usable: list[str]) -> str:
+    """The paths closest to ``pattern`` (whole, or its last part), else the decomposable ones."""
     names = {p.rpartition("/")[2]: p for p in paths}
     close = difflib.get_close_matches(pattern, paths, n=3, cutoff=0.5)
     close += [names[n] for n in difflib.get_close_matches(pattern.rpartition("/")[2], list(names), n=3, cutoff=0.6)
               if names[n] not in close]
-    shown = close[:3] or paths[:6]
-    return "nearest layer paths: " + ", ".join(shown) + (", ..." if not close and len(paths) > 6 else "")
+    if close:
+        return "nearest layer paths: " + ", ".join(close[:3])
+    if not usable:
+        return "the model has no layer that can be decomposed"
+    return "nearest layer paths: " + ", ".join(usable[:6]) + (", ..." if len(usable) > 6 else "")
