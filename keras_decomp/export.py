@@ -158,7 +158,71 @@ def inference_model(model, forms: dict[str, str]):
     and factored layers forced to apply mode (``layers.fold``)."""
     from .layers.fold import fold
 
+<<<<<<< HEAD
     return fold(model, forms)
+=======
+    from .layers import tying
+    from .layers.base import _Decomposed
+
+    def clone(layer):
+        if training_only(layer):  # identity at inference: left out, so no random op reaches the file
+            return keras.layers.Identity(name=layer.name)
+        config = layer.get_config()
+        if layer.name in forms and forms[layer.name] == "folded":
+            return _plain_class(layer).from_config(_plain_config(layer, config))
+        if layer.name in forms:
+            config["mode"] = "apply"
+        return layer.__class__.from_config(config)
+
+    with tying():
+        copy = keras.models.clone_model(model, clone_function=clone)
+    for old, new in zip(model.layers, copy.layers):
+        if isinstance(old, _Decomposed) and forms.get(old.name) == "folded":
+            new.kernel.assign(folded_kernel(old).reshape(new.kernel.shape))
+            if old.bias is not None:
+                new.bias.assign(keras.ops.convert_to_numpy(old.bias))
+        elif not training_only(old):
+            new.set_weights(old.get_weights())
+    return copy
+
+
+def training_only(layer) -> bool:
+    """A Keras augmentation layer (RandomFlip, RandomTranslation, ...): it changes training
+    batches and passes inputs through unchanged at inference."""
+    import keras
+
+    name = type(layer).__name__
+    return name.startswith("Random") and getattr(keras.layers, name, None) is type(layer)
+
+
+def folded_kernel(layer) -> np.ndarray:
+    """The layer's W, multiplied out in float64 from the very values its Keras
+    forward pass uses, then rounded once: a folded file differs from Keras by
+    the rounding of one float32 matmul, not of a chain of them."""
+    import keras
+
+    values = {}
+    for key, value in layer._values().items():
+        value = keras.ops.convert_to_numpy(value)
+        values[key] = value if np.issubdtype(value.dtype, np.integer) else value.astype(np.float64)
+    return np.asarray(layer.node.materialize(values, np), dtype=layer.compute_dtype)
+
+
+def _plain_class(layer):
+    import keras
+    return keras.layers.Conv2D if type(layer).__name__ == "Conv2D" else keras.layers.Dense
+
+
+def _plain_config(layer, config: dict) -> dict:
+    """The config keys the plain Keras class takes: ours (W, mode, fixed, ...) go."""
+    import inspect
+
+    import keras
+
+    accepted = set(inspect.signature(_plain_class(layer).__init__).parameters)
+    accepted |= set(inspect.signature(keras.layers.Layer.__init__).parameters)
+    return {k: v for k, v in config.items() if k in accepted and k not in ("self", "kwargs")}
+>>>>>>> main
 
 
 def export(model, path, format: str = "tflite", mode: str = "auto", quantize: str | None = None,
@@ -303,14 +367,14 @@ def _compare(reference, got, labels=None) -> dict:
 
 def check_tflite(path, model, sample, labels=None) -> dict:
     """The file's outputs on ``sample`` (batch 1, LiteRT) against Keras's, and its latency."""
-    reference = np.asarray(model(sample))
+    reference = np.asarray(model(sample, training=False))  # inference: augmentation layers pass through
     return {**_compare(reference, run_tflite(path, sample), labels), "latency_s": latency(path, sample)}
 
 
 def _check_saved_model(path, model, sample, labels=None) -> dict:
     import keras
     reloaded = keras.layers.TFSMLayer(str(path), call_endpoint="serve")
-    return _compare(np.asarray(model(sample)), np.asarray(reloaded(sample)), labels)
+    return _compare(np.asarray(model(sample, training=False)), np.asarray(reloaded(sample)), labels)
 
 
 def export_from_spec(model, section: dict, out, sample=None, representative_data=None, labels=None) -> dict:

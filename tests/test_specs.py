@@ -211,7 +211,8 @@ BAD = {
     "train epochs not a number": (GOOD + "train: {epochs: three}\n", "7 train.epochs",
                                   r"must be a positive integer, got 'three'"),
     "learning rate read as text": (GOOD + "train: {learning_rate: 1e-3}\n", "7 train.learning_rate",
-                                   r"must be a positive number, got '1e-3'\nYAML reads 1e-3 as text: write 1\.0e-3"),
+                                   r"must be a positive number or a schedule \{ClassName: \{argument: value\}\}, got '1e-3'\n"
+                                   r"YAML reads 1e-3 as text: write 1\.0e-3"),
     "unknown optimizer": (GOOD + "train: {optimizer: adamm}\n", "7 train.optimizer",
                           r"unknown optimizer 'adamm'\ndid you mean 'adam'\?"),
     # the YAML itself

@@ -118,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                     "sweep.csv has done and retries the failed ones.")
     w.add_argument("spec", help="a YAML spec with params:, e.g. specs/linear_dct.yaml")
     w.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
-                   help="values of one of the spec's params:, e.g. --param k=10,20,50 (repeatable: "
+                   help="values of one of the spec's params:, e.g. --param k=10,20,50, or of a training "
+                        "setting, e.g. --param train.label_smoothing=0,0.1 or "
+                        "train.learning_rate.CosineDecay.initial_learning_rate=1e-3,3e-3 (repeatable: "
                         "every combination is trained)")
     w.add_argument("--seeds", default=None, help="seeds, e.g. 0,1,2 (default: the spec's seed)")
     w.add_argument("--data", choices=("auto", "full", "bundled", "tfds", "idx"), default=None,

@@ -1,4 +1,5 @@
-"""Sweeps: train a spec at every combination of values of its ``params:`` and several seeds,
+"""Sweeps: train a spec at every combination of values of its ``params:`` (and of its
+training settings, ``train.label_smoothing=0,0.1``) and several seeds,
 beside its dense reference, and plot test accuracy against trainable parameters.
 
 The pieces are small and pure where they can be: ``parse_values`` reads ``k=10,20``,
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from ..training import atomic
 from ..errors import DecompError
+from ..training.variants import TRAIN_PREFIX, check_train_key, with_setting
 
 RESULT_COLUMNS = ("trainable_params", "test_accuracy", "train_time_s", "data_source", "error")
 
@@ -76,7 +78,9 @@ def expand(params: dict, swept: list[tuple[str, tuple]], seeds=(0,), spec_name: 
     curve comes before the next seed's).  Each swept name must be one of ``params``."""
     names = [name for name, _ in swept]
     for name in names:
-        if name not in params:
+        if name.startswith(TRAIN_PREFIX):
+            check_train_key(name)
+        elif name not in params:
             near = difflib.get_close_matches(name, list(params), n=1, cutoff=0.6)
             hint = (f"did you mean '{near[0]}'?" if near else
                     f"its params: {', '.join(params)}" if params else
@@ -250,6 +254,8 @@ def run_sweep(spec, swept: list[tuple[str, tuple]], seeds=None, source: str | No
     names = [name for name, _ in swept]
     seeds = tuple(seeds) if seeds is not None else (spec.seed,)
     settings = expand(spec.params, swept, seeds, spec_name=spec.source)  # errors before any training
+    for setting in settings:
+        with_setting(spec, {n: setting[n] for n in names})
     ref = reference_spec(spec, reference)
     out = Path(out or f"runs/sweep-{spec.name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -299,7 +305,7 @@ def _train(run_spec, setting: dict, row: dict, source, epochs, limit, out: Path,
 
     from ..training.staging import fit_staged
 
-    changed = dataclasses.replace(run_spec, params={**run_spec.params, **setting}, seed=int(row["seed"]),
+    changed = dataclasses.replace(with_setting(run_spec, setting), seed=int(row["seed"]),
                                   data={**run_spec.data, "limit": limit} if limit else run_spec.data)
     folder = out / "runs" / "-".join([row["role"], run_spec.name, *(f"{n}{v}" for n, v in setting.items()),
                                       f"seed{row['seed']}"])

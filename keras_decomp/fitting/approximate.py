@@ -8,7 +8,8 @@ Methods, chosen from the expression's structure:
 - multilinear (several trainable factors, each appearing once):
   alternating least squares, each block solved exactly, so the error never
   increases from one sweep to the next;
-- anything else: gradient descent on ||W - E||_F^2 (``gradient.py``).
+- anything else: gradient descent on ||W - E||_F^2 (``gradient.py``), its
+  gradient by reverse-mode differentiation in numpy (``autodiff.py``).
 Structures with their own method (sss, sparse, sketch, tri) register it with
 ``methods.register`` in their module of this package.  numpy and scipy only.
 

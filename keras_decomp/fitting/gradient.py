@@ -1,29 +1,32 @@
 """The fallback fit: Adam on ||W - E(theta)||_F^2 / ||W||_F^2, for expressions
 no exact method covers (a parameter used twice, as in ``g g'``).
 
-Gradients come from JAX when it is installed (``materialize`` is written
-against an array namespace, so ``jax.numpy`` runs it unchanged); otherwise by
-central differences, which are exact for expressions of degree <= 2 in each
-single parameter, and affordable only for small problems.
+The gradient comes from one reverse-mode pass of ``autodiff`` through the node's
+own ``materialize`` (written against an array namespace, so it runs unchanged on
+traced arrays): it costs a small multiple of building E once, whatever the number
+of parameters, and needs no framework.
+
+>>> import numpy as np
+>>> from keras_decomp import parse
+>>> node = parse("g g'", 4, 4).stages[0]
+>>> A = np.random.default_rng(0).normal(size=(4, 4))
+>>> values, history = gradient_fit(A @ A.T, node, node.init(np.random.default_rng(1)), {})
+>>> history[-1] < 1e-3 < history[0]
+True
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from ..errors import DecompError
 from . import progress
-
-FD_LIMIT = 2e9  # FLOPs per step we allow central differences
+from .autodiff import value_and_pullback, xp
 
 
 def gradient_fit(W, node, values, fixed, steps: int = 2000, lr: float = 1e-2, tol: float = 1e-12):
-    """(values, history of relative errors), Adam from ``values``."""
+    """(values, history of relative errors), Adam from ``values``; the last entry of
+    the history is the best error seen, whose values are returned."""
     keys = list(node.param_shapes())
-    norm2 = float(np.sum(W * W)) or 1.0
-    grad = _jax_gradient(W, node, fixed, keys, norm2) or _fd_gradient(W, node, fixed, keys, norm2)
     theta = {k: np.asarray(values[k], dtype=np.float64) for k in keys}
     m = {k: np.zeros_like(v) for k, v in theta.items()}
     s = {k: np.zeros_like(v) for k, v in theta.items()}
@@ -31,7 +34,7 @@ def gradient_fit(W, node, values, fixed, steps: int = 2000, lr: float = 1e-2, to
     best = (history[0], dict(theta))
     bar = progress.Bar(f"gradient fit {W.shape[0]}x{W.shape[1]}", total=steps)
     for t in range(1, steps + 1):
-        g = grad(theta)
+        _, g = loss_and_gradient(W, node, theta, fixed)
         for k in keys:
             m[k] = 0.9 * m[k] + 0.1 * g[k]
             s[k] = 0.999 * s[k] + 0.001 * g[k] ** 2
@@ -48,50 +51,22 @@ def gradient_fit(W, node, values, fixed, steps: int = 2000, lr: float = 1e-2, to
     return {**values, **best[1]}, history
 
 
+def loss_and_gradient(W, node, theta, fixed):
+    """(||W - E||^2 / ||W||^2, its gradient: key -> array) at the values ``theta``.
+
+    >>> import numpy as np
+    >>> from keras_decomp import parse
+    >>> node = parse("dense", 2, 2).stages[0]
+    >>> loss, grad = loss_and_gradient(np.eye(2), node, {node.key: np.zeros((2, 2))}, {})
+    >>> float(loss), bool(np.allclose(grad[node.key], -np.eye(2)))
+    (1.0, True)
+    """
+    norm2 = float(np.sum(W * W)) or 1.0
+    E, pullback = value_and_pullback(lambda leaves: node.materialize({**fixed, **leaves}, xp), theta)
+    residual = np.asarray(E) - W
+    return float(np.sum(residual * residual)) / norm2, pullback(2.0 * residual / norm2)
+
+
 def _error(W, node, theta, fixed) -> float:
     E = np.asarray(node.materialize({**fixed, **theta}, np))
     return float(np.linalg.norm(W - E) / (np.linalg.norm(W) or 1.0))
-
-
-def _jax_gradient(W, node, fixed, keys, norm2):
-    try:
-        import jax
-        import jax.numpy as jnp
-    except ImportError:
-        return None
-    jax.config.update("jax_enable_x64", True)
-    Wj = jnp.asarray(W)
-    fixed_j = {k: jnp.asarray(v) for k, v in fixed.items()}
-
-    def loss(theta):
-        E = node.materialize({**fixed_j, **theta}, jnp)
-        return jnp.sum((Wj - E) ** 2) / norm2
-
-    step = jax.jit(jax.grad(loss))
-    return lambda theta: {k: np.asarray(v) for k, v in step({k: jnp.asarray(v) for k, v in theta.items()}).items()}
-
-
-def _fd_gradient(W, node, fixed, keys, norm2):
-    p = sum(math.prod(node.param_shapes()[k]) for k in keys)
-    cost = 2 * p * max(node.build_cost(), math.prod(node.shape))
-    if cost > FD_LIMIT:
-        raise DecompError(f"no exact method fits this expression, and gradient descent over {p} parameters "
-                          "needs JAX for its gradients", hint="pip install jax, or train this stage instead")
-
-    def grad(theta):
-        base = {**fixed, **theta}
-        E = np.asarray(node.materialize(base, np))
-        residual = E - W
-        out = {}
-        for k in keys:
-            g = np.zeros(theta[k].size)
-            flat = theta[k].ravel()
-            for i in range(flat.size):
-                step = np.zeros_like(flat)
-                step[i] = 1e-3
-                plus = node.materialize({**base, k: (flat + step).reshape(theta[k].shape)}, np)
-                minus = node.materialize({**base, k: (flat - step).reshape(theta[k].shape)}, np)
-                g[i] = 2 * np.sum(residual * (plus - minus) / 2e-3) / norm2
-            out[k] = g.reshape(theta[k].shape)
-        return out
-    return grad

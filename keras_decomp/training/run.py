@@ -6,26 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import SpecError
 
+def compile_model(model, train: dict, learning_rate=None, steps: int = 1000):
+    """Compile with a ``train:`` section (optimizer, learning rate or schedule, loss,
+    label smoothing, metrics; recipe.py).  ``learning_rate`` overrides the section's;
+    ``steps`` is what ``auto`` in a schedule stands for."""
+    from . import recipe
 
-def compile_model(model, train: dict, learning_rate: float | None = None):
-    """Compile with the spec's ``train:`` section (optimizer, learning_rate, loss)."""
-    import keras
-
-    lr = learning_rate if learning_rate is not None else train.get("learning_rate", 1e-3)
-    name = train.get("optimizer", "adam")
-    try:
-        optimizer = keras.optimizers.get({"class_name": name, "config": {"learning_rate": lr}})
-    except (ValueError, TypeError) as err:
-        raise SpecError(f"train.optimizer: unknown optimizer '{name}' ({err})",
-                        hint="e.g. adam, sgd, rmsprop, adamw") from None
-    loss = train.get("loss", "sparse_categorical_crossentropy")
-    if loss == "sparse_categorical_crossentropy":
-        last = model.layers[-1]
-        from_logits = train.get("from_logits", getattr(last, "activation", None) is not keras.activations.softmax)
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-    model.compile(optimizer=optimizer, loss=loss, metrics=train.get("metrics", ["accuracy"]))
+    optimizer = recipe.optimizer(train, steps, learning_rate)
+    model.compile(optimizer=optimizer, loss=recipe.loss(model, train), metrics=train.get("metrics", ["accuracy"]))
     return model
 
 

@@ -32,17 +32,23 @@ from .yaml_source import read_text, read_yaml
 
 TOP_KEYS = ("name", "description", "seed", "input", "params", "fixed", "layers", "data", "train",
             "stages", "export", "reference")
-TRAIN_KEYS = ("batch_size", "optimizer", "learning_rate", "epochs", "loss", "from_logits", "metrics")
-STAGE_KEYS = ("epochs", "learning_rate", "batch_size")
-DATA_KEYS = ("name", "source", "limit")
+TRAIN_KEYS = ("batch_size", "optimizer", "learning_rate", "epochs", "loss", "from_logits", "metrics",
+              "label_smoothing", "callbacks", "use_ema")
+STAGE_KEYS = ("epochs", "learning_rate", "batch_size", "optimizer", "label_smoothing", "callbacks", "use_ema")
+DATA_KEYS = ("name", "source", "limit", "validation")
 EXPORT_KEYS = ("tflite", "saved_model")
 DECOMPOSED = ("Dense", "EinsumDense", "Conv1D", "Conv2D")
 DECLARABLE = ("G", "S", "R", "D", "P")  # the bases a fixed: declaration may name (lower.declared_leaf)
 
 _COUNT = ("a positive integer", (int,), True)
 # A key of data:, train: or stages[i]: -> (what its value must be, its types, whether it must be > 0).
-VALUE_KINDS = {"epochs": _COUNT, "batch_size": _COUNT, "limit": _COUNT,
-               "learning_rate": ("a positive number", (int, float), True), "optimizer": ("a string", (str,), False),
+VALUE_KINDS = {"epochs": _COUNT, "batch_size": _COUNT, "limit": _COUNT, "validation": _COUNT,
+               "learning_rate": ("a positive number or a schedule {ClassName: {argument: value}}",
+                                 (int, float, dict), False),
+               "optimizer": ("a name or a mapping {ClassName: {argument: value}}", (str, dict), False),
+               "label_smoothing": ("a number in [0, 1)", (int, float), False),
+               "callbacks": ("a list such as [{EarlyStopping: {patience: 3}}]", (list,), False),
+               "use_ema": ("true or false", (bool,), False),
                "loss": ("a string", (str,), False), "metrics": ("a list", (list,), False),
                "from_logits": ("true or false", (bool,), False)}
 TYPE_NAMES = {int: "an integer", str: "a string", dict: "a mapping", list: "a list"}
@@ -144,12 +150,14 @@ def _check(data, source, folder, lines, allow_files_outside=False) -> Spec:
     data_cfg = _typed(probe, data, "data", dict, {})
     _known_keys(probe, data_cfg, "data", DATA_KEYS, {"name": DATASETS, "source": SOURCES})
     train = _typed(probe, data, "train", dict, {})
-    _known_keys(probe, train, "train", TRAIN_KEYS, {"optimizer": _optimizers()} if "optimizer" in train else {})
+    _known_keys(probe, train, "train", TRAIN_KEYS)
+    _check_recipe(probe, train, "train", data_cfg)
     stages = _typed(probe, data, "stages", list, [])
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict):
             raise probe.error(f"stages[{i}]", "a stage is a mapping such as {epochs: 3}")
         _known_keys(probe, stage, f"stages[{i}]", STAGE_KEYS)
+        _check_recipe(probe, {**train, **stage}, f"stages[{i}]", data_cfg, own=stage)
     export = _typed(probe, data, "export", dict, {})
     _check_export(probe, export)
     fixed = _check_fixed(probe, _typed(probe, data, "fixed", dict, {}), folder, allow_files_outside)
@@ -190,12 +198,23 @@ def _known_keys(spec, mapping, path, valid, choices=None):
                              _nearest(value, choices[key]) or "one of: " + ", ".join(choices[key]))
 
 
-def _optimizers() -> list[str]:
-    """The optimizer names Keras knows (``adam`` or ``Adam``)."""
-    import keras
+def _check_recipe(spec, settings: dict, path: str, data_cfg: dict, own: dict | None = None) -> None:
+    """Build the training objects of ``settings`` once (recipe.check), placing a mistake at
+    its key under ``path``; ``own`` is what a stage sets itself (its errors are its own)."""
+    from . import recipe
 
-    names = [n for n in dir(keras.optimizers) if n[:1].isupper() and n not in ("Optimizer", "LossScaleOptimizer")]
-    return [n.lower() for n in names] + names
+    try:
+        recipe.check(settings, path)
+    except SpecError as err:
+        key, _, fact = err.fact.partition(": ")
+        if own is not None and key.split(".")[0].split("[")[0] not in own:
+            return  # the train: section's own mistake, reported there
+        raise spec.error(f"{path}.{key}", fact, err.hint) from None
+    if recipe.monitors_validation(settings) and not data_cfg.get("validation"):
+        raise spec.error(f"{path}.callbacks", "a callback watches a validation metric, but the spec has no "
+                         "validation split: it would choose on the test set",
+                         "hold out part of the training set with data.validation (e.g. 5000), or watch "
+                         "a training metric (monitor: loss)")
 
 
 def _check_reference(spec, reference, folder: Path) -> Path | None:

@@ -21,8 +21,10 @@ worker reads: a resumed non-chief worker loads the chief's checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -30,6 +32,8 @@ import numpy as np
 
 from . import atomic
 from . import distribute as distribution
+from . import recipe
+from .guards import finite_guard, non_finite_layers  # noqa: F401 - non_finite_layers is public here too
 from ..fitting.approximate import fit as fit_matrix
 from ..errors import DecompError
 
@@ -157,9 +161,13 @@ def fit_staged(spec, source: str | None = None, out: str | Path | None = None, r
     data = load_data(spec, source)
     batch = spec.train.get("batch_size", 128)
     limit = spec.data.get("limit")
+    data, held_out = _validation_split(data, spec.data.get("validation"))
     dist.check_batches(batch, {"training": len(data.x_train[:limit]), "test": len(data.x_test[:limit])})
     train_ds, test_ds = data.pipelines(batch_size=batch, seed=spec.seed, limit=limit)
-    runner = _Runner(spec, state, out, dist.shard(train_ds), dist.shard(test_ds), verbose, epochs)
+    val_ds = test_ds if held_out is None else held_out.pipelines(batch_size=batch, seed=spec.seed)[1]
+    steps = math.ceil(len(data.x_train[:limit]) / batch)
+    runner = _Runner(spec, state, out, (dist.shard(train_ds), dist.shard(val_ds), dist.shard(test_ds)), steps,
+                     verbose, epochs)
     from .run import write_outputs
     with dist.scope():
         model = runner.run()
@@ -169,6 +177,20 @@ def fit_staged(spec, source: str | None = None, out: str | Path | None = None, r
         else:
             dist.save(model, None)  # the chief's write_outputs saves collectively
     return report
+
+
+def _validation_split(data, count):
+    """(training data without its last ``count`` images, those images as a data set whose
+    test split they are), or (data, None) without ``count``: then the test split is what
+    fit reports as validation, and no callback may choose on it (specs.py checks)."""
+    if not count:
+        return data, None
+    if count >= len(data.x_train):
+        raise DecompError(f"data.validation={count} leaves no training images ({len(data.x_train)} in all)",
+                          hint="hold out fewer, e.g. a tenth of the training set")
+    kept = dataclasses.replace(data, x_train=data.x_train[:-count], y_train=data.y_train[:-count])
+    held = dataclasses.replace(data, x_test=data.x_train[-count:], y_test=data.y_train[-count:])
+    return kept, held
 
 
 def fingerprint(spec) -> str:
@@ -239,9 +261,10 @@ def _write_json(path: Path, data: dict) -> None:
 class _Runner:
     """The stages of one run; ``run`` and ``report`` are called inside the distribution's scope."""
 
-    def __init__(self, spec, state, out, train_ds, test_ds, verbose, epochs):
+    def __init__(self, spec, state, out, datasets, steps_per_epoch, verbose, epochs):
         self.spec, self.state, self.out = spec, state, out
-        self.train_ds, self.test_ds = train_ds, test_ds
+        self.train_ds, self.val_ds, self.test_ds = datasets
+        self.steps_per_epoch = steps_per_epoch
         self.verbose, self.epochs_override = verbose, epochs
 
     def epochs(self, stage: int) -> int:
@@ -251,15 +274,18 @@ class _Runner:
             return self.spec.stages[stage].get("epochs", self.spec.train.get("epochs", 1))
         return self.spec.train.get("epochs", 1)
 
-    def learning_rate(self, stage: int):
-        entry = self.spec.stages[stage] if self.spec.stages else {}
-        return entry.get("learning_rate", self.spec.train.get("learning_rate", 1e-3))
+    def settings(self, stage: int) -> dict:
+        return recipe.settings_for(self.spec, stage)
+
+    def steps(self, stage: int) -> int:
+        """Training steps of one stage: what ``auto`` in a learning-rate schedule stands for."""
+        return self.steps_per_epoch * self.epochs(stage)
 
     def model_for(self, stage: int):
         from .builder import build
         from .run import compile_model
         model = build(self.spec, stage=stage)
-        return compile_model(model, self.spec.train, self.learning_rate(stage))
+        return compile_model(model, self.settings(stage), steps=self.steps(stage))
 
     def evaluate(self, model) -> float:
         return float(model.evaluate(self.test_ds, verbose=0)[1])
@@ -270,8 +296,11 @@ class _Runner:
         s = self.state.data
         if "model" in s:  # resuming
             model = load_model(self.state.model_path(self.out))
-            # the spec's learning rate, not the saved one: lowering it is how a diverged run goes on
-            model.optimizer.learning_rate = float(self.learning_rate(s["stage"]))
+            # the spec's learning rate, not the saved one: lowering it is how a diverged run goes on;
+            # a schedule stays the saved one, which goes on from the saved step count
+            rate = self.settings(s["stage"]).get("learning_rate", 1e-3)
+            if not isinstance(rate, dict):
+                model.optimizer.learning_rate = float(rate)
         else:
             model = self.model_for(0)
             s["stages"].append(self.stage_entry(0, model, {}, None, None))
@@ -300,8 +329,13 @@ class _Runner:
         if self.state.data["epoch"] >= self.epochs(stage):  # resumed after its last epoch
             return
         model.fit(self.train_ds, epochs=self.epochs(stage), initial_epoch=self.state.data["epoch"],
-                  validation_data=self.test_ds, verbose=self.verbose, callbacks=self.callbacks(stage),
+                  validation_data=self.val_ds, verbose=self.verbose, callbacks=self.callbacks(stage),
                   shuffle=False)  # the pipeline shuffles; Keras warns that its own flag is ignored
+        if self.state.data["epoch"] < self.epochs(stage):  # a callback (EarlyStopping) ended the stage
+            self.state.data["stopped_early"] = {**self.state.data.get("stopped_early", {}),
+                                                str(stage): self.state.data["epoch"]}
+            self.state.data["epoch"] = self.epochs(stage)
+            self.state.save(self.out, model)
 
     def callbacks(self, stage: int) -> list:
         """The Keras callbacks of one stage's ``fit``: the guard against non-finite
@@ -317,7 +351,8 @@ class _Runner:
                 s["epoch"] = epoch + 1
                 runner.state.save(runner.out, self.model)
 
-        return [finite_guard(stage, self.out / "checkpoint"), Checkpoint()]
+        # the spec's own (EarlyStopping restoring its best weights) before the checkpoint
+        return [finite_guard(stage, self.out / "checkpoint"), *recipe.callbacks(self.settings(stage)), Checkpoint()]
 
     def report(self, data_source: str, model) -> dict:
         from ..layers.report import layer_table
@@ -328,52 +363,3 @@ class _Runner:
                 "trainable_params": s["stages"][-1]["trainable_params"], "layers": layer_table(model),
                 "stages": s["stages"], "history": s["history"],
                 "wall_time_s": round(time.time() - s["started"], 2)}
-
-
-def non_finite_layers(model) -> list[str]:
-    """The names of the layers whose trainable weights hold a NaN or an infinity."""
-    import keras
-
-    return [layer.name for layer in model.layers
-            if any(not np.all(np.isfinite(keras.ops.convert_to_numpy(w))) for w in layer.trainable_weights)]
-
-
-def finite_guard(stage: int, folder):
-    """A Keras callback that stops training with a DecompError naming the layer whose
-    weights became NaN or infinite (``folder``: the checkpoint it leaves alone)."""
-    import keras
-
-    class FiniteGuard(keras.callbacks.Callback):
-        """Stops training with a DecompError naming the layer as soon as the loss is not finite
-        (checked every batch: a non-finite loss is where diverging weights show first), and at
-        every epoch's end before the checkpoint, so that the last checkpoint stays a good one."""
-
-        def __init__(self, stage: int, folder):
-            super().__init__()
-            self.stage, self.folder, self.epoch = stage, folder, 0
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-
-        def on_train_batch_end(self, batch, logs=None):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not np.isfinite(float(loss)):
-                self.stop(f"the loss became {float(loss)} at batch {batch}")
-
-        def on_epoch_end(self, epoch, logs=None):
-            if non_finite_layers(self.model):
-                self.stop("at the end of the epoch")
-
-        def stop(self, when: str):
-            bad = non_finite_layers(self.model)
-            where = f"stage {self.stage}, epoch {self.epoch}, numbered from 0 as in report.json"
-            if bad:
-                fact = (f"training diverged ({where}): the weights of layer '{bad[0]}' became NaN or infinite"
-                        + (f" (also {', '.join(repr(b) for b in bad[1:])})" if bad[1:] else "") + f", {when}")
-            else:
-                fact = f"training diverged ({where}): {when}, though every weight is still finite"
-            raise DecompError(f"{fact}; stopped, the checkpoint in {self.folder} keeps the last good epoch",
-                              hint="lower the learning rate (train.learning_rate or stages[i].learning_rate), "
-                                   "then continue with --resume (resume=True)")
-
-    return FiniteGuard(stage, folder)
