@@ -158,32 +158,17 @@ def inference_model(model, forms: dict[str, str]):
     and factored layers forced to apply mode (``layers.fold``)."""
     from .layers.fold import fold
 
-<<<<<<< HEAD
-    return fold(model, forms)
-=======
-    from .layers import tying
-    from .layers.base import _Decomposed
+    import keras
 
-    def clone(layer):
+    from .layers import surgery
+
+    prepared = fold(model, forms)
+    for layer, parents, _ in surgery.walk(prepared):
         if training_only(layer):  # identity at inference: left out, so no random op reaches the file
-            return keras.layers.Identity(name=layer.name)
-        config = layer.get_config()
-        if layer.name in forms and forms[layer.name] == "folded":
-            return _plain_class(layer).from_config(_plain_config(layer, config))
-        if layer.name in forms:
-            config["mode"] = "apply"
-        return layer.__class__.from_config(config)
-
-    with tying():
-        copy = keras.models.clone_model(model, clone_function=clone)
-    for old, new in zip(model.layers, copy.layers):
-        if isinstance(old, _Decomposed) and forms.get(old.name) == "folded":
-            new.kernel.assign(folded_kernel(old).reshape(new.kernel.shape))
-            if old.bias is not None:
-                new.bias.assign(keras.ops.convert_to_numpy(old.bias))
-        elif not training_only(old):
-            new.set_weights(old.get_weights())
-    return copy
+            identity = keras.layers.Identity(name=layer.name)
+            surgery.build_like(identity, layer)
+            surgery.replace(parents, layer, identity)
+    return prepared
 
 
 def training_only(layer) -> bool:
@@ -193,36 +178,6 @@ def training_only(layer) -> bool:
 
     name = type(layer).__name__
     return name.startswith("Random") and getattr(keras.layers, name, None) is type(layer)
-
-
-def folded_kernel(layer) -> np.ndarray:
-    """The layer's W, multiplied out in float64 from the very values its Keras
-    forward pass uses, then rounded once: a folded file differs from Keras by
-    the rounding of one float32 matmul, not of a chain of them."""
-    import keras
-
-    values = {}
-    for key, value in layer._values().items():
-        value = keras.ops.convert_to_numpy(value)
-        values[key] = value if np.issubdtype(value.dtype, np.integer) else value.astype(np.float64)
-    return np.asarray(layer.node.materialize(values, np), dtype=layer.compute_dtype)
-
-
-def _plain_class(layer):
-    import keras
-    return keras.layers.Conv2D if type(layer).__name__ == "Conv2D" else keras.layers.Dense
-
-
-def _plain_config(layer, config: dict) -> dict:
-    """The config keys the plain Keras class takes: ours (W, mode, fixed, ...) go."""
-    import inspect
-
-    import keras
-
-    accepted = set(inspect.signature(_plain_class(layer).__init__).parameters)
-    accepted |= set(inspect.signature(keras.layers.Layer.__init__).parameters)
-    return {k: v for k, v in config.items() if k in accepted and k not in ("self", "kwargs")}
->>>>>>> main
 
 
 def export(model, path, format: str = "tflite", mode: str = "auto", quantize: str | None = None,
