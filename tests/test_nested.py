@@ -21,6 +21,8 @@ from keras_decomp.layers.base import _Decomposed
 from keras_decomp.layers.plan import entries_of
 
 keras_hub = pytest.importorskip("keras_hub")
+pytestmark = pytest.mark.filterwarnings(  # raised inside Keras when it saves a variable
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -234,3 +236,17 @@ def test_a_subclass_of_dense_is_refused():
     model = keras.Sequential([keras.Input((4,)), Scaled(3, name="scaled")])
     with pytest.raises(DecompError, match="layer 'scaled' is a Scaled, a subclass of Dense"):
         decompose(model, {"scaled": "lowrank(r=1)"})
+
+
+def test_einsum_dense_and_conv1d_in_a_spec():
+    model = keras_decomp.build({"input": {"shape": [6, 8]}, "layers": [
+        {"EinsumDense": {"equation": "abc,cde->abde", "output_shape": [None, 2, 5], "bias_axes": "de",
+                         "W": "lowrank(r=3)", "name": "proj"}},
+        {"Reshape": {"target_shape": [6, 10]}},
+        {"Conv1D": {"filters": 4, "kernel_size": 3, "W": "lowrank(r=2)", "name": "conv"}},
+        {"Flatten": {}}, {"Dense": {"units": 2}}]})
+    proj, conv = model.get_layer("proj"), model.get_layer("conv")
+    assert (type(proj), type(conv)) == (EinsumDense, Conv1D)
+    # proj: (8, 2*5) matrix at rank 3 plus a (2, 5) bias; conv: (3*10, 4) at rank 2 plus 4 biases
+    assert proj.count_params() == 3 * (8 + 10) + 10 and conv.count_params() == 2 * (30 + 4) + 4
+    assert tuple(model(np.ones((2, 6, 8), "float32")).shape) == (2, 2)
