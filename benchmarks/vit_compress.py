@@ -4,8 +4,8 @@ layers of its four TransformerEncoders, to about 50% and 25% of their parameters
 lowrank, sss and sketch (each layer at ``params=f``) and with ``budget=f`` (lowrank sizes
 chosen per layer from the spectra), each fine-tuned one epoch.
 
-ViT: 4x4 patches (a strided Conv2D, 49 tokens of width 64) + learned positions ->
-TransformerEncoder(128, 4 heads) x 4 -> average pooling -> Dense(10).
+ViT: 7x7 patches (a strided Conv2D, 16 tokens of width 64; --patch 4 gives 49) + learned
+positions -> TransformerEncoder(128, 4 heads) x 4 -> average pooling -> Dense(10).
 
 Per row: test accuracy right after decomposition and after fine-tuning, parameters of
 the matched kernels and of the whole model, the TFLite file (mode auto) and its batch-1
@@ -39,14 +39,15 @@ from keras_decomp.training.data import load  # noqa: E402
 PATTERNS = ("*feedforward_*_dense", "*self_attention_layer/*")
 
 
-def vit(dim=64, depth=4, heads=4, seed=0):
+def vit(dim=64, depth=4, heads=4, patch=7, seed=0):
     import keras_hub
 
     keras.utils.set_random_seed(seed)
+    tokens = (28 // patch) ** 2
     inputs = keras.Input((28, 28, 1))
-    x = keras.layers.Conv2D(dim, 4, strides=4, name="patches")(inputs)
-    x = keras.layers.Reshape((49, dim))(x)
-    x = x + keras_hub.layers.PositionEmbedding(49, name="positions")(x)
+    x = keras.layers.Conv2D(dim, patch, strides=patch, name="patches")(inputs)
+    x = keras.layers.Reshape((tokens, dim))(x)
+    x = x + keras_hub.layers.PositionEmbedding(tokens, name="positions")(x)
     for i in range(depth):
         x = keras_hub.layers.TransformerEncoder(2 * dim, heads, name=f"encoder_{i}")(x)
     x = keras.layers.GlobalAveragePooling1D()(x)
@@ -89,6 +90,7 @@ def main(argv=None):
     parser.add_argument("--methods", default="lowrank,sss,sketch,budget")
     parser.add_argument("--quick", action="store_true", help="bundled data, 1 epoch, 0.5 only, lowrank and budget")
     parser.add_argument("--runs", type=int, default=300, help="TFLite batch-1 runs per round")
+    parser.add_argument("--patch", type=int, default=7, choices=(4, 7), help="patch size: 16 or 49 tokens")
     args = parser.parse_args(argv)
     if args.quick:
         args.data, args.epochs, args.fractions, args.methods = "bundled", 1, "0.5", "lowrank,budget"
@@ -98,7 +100,7 @@ def main(argv=None):
           f"keras {keras.__version__}, {platform.processor() or platform.machine()}, python {sys.version.split()[0]}")
     print(f"command: {' '.join(sys.argv)}")
     start = time.time()
-    dense = vit()
+    dense = vit(patch=args.patch)
     compile_(dense, 1e-3)
     dense.fit(train, epochs=args.epochs, verbose=2)
     rows = [("dense", None, accuracy(dense, test), None, dense)]

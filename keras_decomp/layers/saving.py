@@ -59,5 +59,13 @@ def copy_model(model):
     through a ``.keras`` file."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "copy.keras")
-        model.save(path)
+        try:
+            model.save(path)
+        except (TypeError, NotImplementedError, ValueError) as err:
+            if isinstance(err, DecompError):
+                raise
+            raise DecompError(f"cannot copy the model '{model.name}' through a .keras file: "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
+                              hint="give its class a get_config() (Keras's serialization), or change it in "
+                                   "place: decompose(..., inplace=True)") from None
         return load_model(path)
