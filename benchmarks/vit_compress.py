@@ -138,7 +138,7 @@ def report(rows, args, data):
             for name, (_, path) in files.items():
                 times[name].append(latency(path, sample, runs=args.runs))
         base = np.median(times["dense"])
-        print("\n| model | acc. after decompose | acc. after 1 epoch | matched kernels | model params "
+        print("\n| model | acc. after decompose | acc. after fine-tuning (dense: trained) | matched kernels | model params "
               "| TFLite KB | latency vs dense |")
         print("|---|---|---|---|---|---|---|")
         for name, expression, before, after, model in rows:
