@@ -4,6 +4,7 @@ import io
 
 import keras
 import numpy as np
+import pytest
 
 from keras_decomp import approximate
 from keras_decomp.cli.main import main
@@ -43,3 +44,14 @@ def test_compress_shows_a_bar_per_layer_unless_quiet(tmp_path, capsys):
     assert main(base + ["--quiet"]) == 0
     captured = capsys.readouterr()
     assert "decompose" not in captured.err and "wrote" in captured.out
+
+
+def test_als_and_gradient_fits_report_too():
+    W = np.random.default_rng(0).normal(size=(16, 16))
+    for expression, title, least in (("g h", "ALS 16x16", 1), ("g g", "gradient fit 16x16", 10)):
+        out = io.StringIO()
+        with progress.reporting(stream=out, after=0, every=0):
+            _, error = approximate(W, expression)
+        lines = [line for line in out.getvalue().splitlines() if line.startswith(title)]
+        assert len(lines) >= least, out.getvalue()[:300]
+        assert float(lines[-1].split(" error ")[1].split()[0]) == pytest.approx(error, rel=1e-3, abs=1e-12)
