@@ -1,7 +1,7 @@
 """A small vision transformer from keras_hub layers on Fashion-MNIST, compressed by
 ``decompose`` inside its blocks: the feed-forward Dense and the attention EinsumDense
 layers of its four TransformerEncoders, to about 50% and 25% of their parameters with
-lowrank, sss and sketch (each layer at ``params=f``) and with ``budget=f`` (lowrank sizes
+lowrank, sss(p=4) and sketch (each layer at ``params=f``) and with ``budget=f`` (lowrank sizes
 chosen per layer from the spectra), each fine-tuned one epoch.
 
 ViT: 7x7 patches (a strided Conv2D, 16 tokens of width 64; --patch 4 gives 49) + learned
@@ -90,6 +90,9 @@ def main(argv=None):
     parser.add_argument("--methods", default="lowrank,sss,sketch,budget")
     parser.add_argument("--quick", action="store_true", help="bundled data, 1 epoch, 0.5 only, lowrank and budget")
     parser.add_argument("--runs", type=int, default=300, help="TFLite batch-1 runs per round")
+    parser.add_argument("--rows", default=None,
+                        help="method:fraction pairs instead of every method at every fraction, e.g. "
+                             "lowrank:0.5,sss:0.5,budget:0.25")
     parser.add_argument("--patch", type=int, default=7, choices=(4, 7), help="patch size: 16 or 49 tokens")
     args = parser.parse_args(argv)
     if args.quick:
@@ -105,23 +108,25 @@ def main(argv=None):
     dense.fit(train, epochs=args.epochs, verbose=2)
     rows = [("dense", None, accuracy(dense, test), None, dense)]
     print(f"dense: {rows[0][2]:.4f} after {args.epochs} epoch(s), {time.time() - start:.0f} s")
-    for fraction in [float(f) for f in args.fractions.split(",")]:
-        for method in args.methods.split(","):
-            expression = {"lowrank": f"lowrank(params={fraction})", "sss": f"sss(p=7, params={fraction})",
-                          "sketch": f"sketch(params={fraction})", "budget": "lowrank"}[method]
-            small = keras_decomp.decompose(dense, {p: expression for p in PATTERNS},
-                                           budget=fraction if method == "budget" else None)
-            before = accuracy(small, test)
-            compile_(small, 5e-4)
-            small.fit(train, epochs=args.fine_tune_epochs, verbose=0)
-            with tempfile.TemporaryDirectory() as folder:  # the saved model is the one exported
-                small.save(f"{folder}/m.keras")
-                back = keras_decomp.load_model(f"{folder}/m.keras")
-            x = images(data, 64)
-            same = float(np.abs(np.asarray(back(x)) - np.asarray(small(x))).max())
-            rows.append((f"{method} {fraction:g}", expression, before, accuracy(back, test), back))
-            print(f"{rows[-1][0]}: {before:.4f} -> {rows[-1][3]:.4f}; reloaded max diff {same:.1e}; "
-                  f"{time.time() - start:.0f} s", flush=True)
+    pairs = [(m, float(f)) for f in args.fractions.split(",") for m in args.methods.split(",")]
+    if args.rows:
+        pairs = [(row.split(":")[0], float(row.split(":")[1])) for row in args.rows.split(",")]
+    for method, fraction in pairs:
+        expression = {"lowrank": f"lowrank(params={fraction})", "sss": f"sss(p=4, params={fraction})",
+                      "sketch": f"sketch(params={fraction})", "budget": "lowrank"}[method]
+        small = keras_decomp.decompose(dense, {p: expression for p in PATTERNS},
+                                       budget=fraction if method == "budget" else None)
+        before = accuracy(small, test)
+        compile_(small, 5e-4)
+        small.fit(train, epochs=args.fine_tune_epochs, verbose=0)
+        with tempfile.TemporaryDirectory() as folder:  # the saved model is the one exported
+            small.save(f"{folder}/m.keras")
+            back = keras_decomp.load_model(f"{folder}/m.keras")
+        x = images(data, 64)
+        same = float(np.abs(np.asarray(back(x)) - np.asarray(small(x))).max())
+        rows.append((f"{method} {fraction:g}", expression, before, accuracy(back, test), back))
+        print(f"{rows[-1][0]}: {before:.4f} -> {rows[-1][3]:.4f}; reloaded max diff {same:.1e}; "
+              f"{time.time() - start:.0f} s", flush=True)
     report(rows, args, data)
 
 
