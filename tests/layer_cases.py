@@ -65,6 +65,12 @@ CASES = [
     Case("sum_of_product", "sum(G dense, n=2)"),
     Case("sum_of_fixed_product", "sum(G S, n=2)"),
     Case("product_of_sums", "sum(G, n=3) sum(G, n=2)"),
+    # the fast random basis: one F's arrays whatever n (n = rows*cols: every bucket one entry)
+    Case("sum_F", "sum(F, n=5)"),
+    Case("sum_F_all_entries", "sum(F, n=96)"),
+    Case("sum_F_prime_rows", "sum(F, n=9)", n=67, m=4, kernel=(1, 1)),
+    Case("sum_F_in_product", "DCT[:k] sum(F, n=7) + sum(R, n=2)", params={"k": 6}),
+    Case("F_seeded", "F(seed=2) diag"),
     # tile and kron
     Case("tile", "tile(dense, n=2)"),
     Case("tile_fixed", "tile(G, n=2) diag"),
@@ -100,6 +106,14 @@ CASES = [
     Case("butterfly", "butterfly", n=16, m=16),
     Case("butterfly_padded", "butterfly()"),
     Case("butterfly_in_product", "DCT butterfly"),
+    Case("butterfly_wide", "butterfly", n=8, m=32),
+    # monarch: square (q = b, one transpose), rectangular with q != b (the general permutation),
+    # padded inputs and outputs (12 -> 4 blocks of 3, 10 -> 4 blocks of 3), a budget, in a product
+    Case("monarch", "monarch(b=4)", n=16, m=16),
+    Case("monarch_rect", "monarch(b=2)"),
+    Case("monarch_padded", "monarch(b=4)", m=10),
+    Case("monarch_budget", "monarch(params=0.5)"),
+    Case("monarch_in_product", "DCT monarch(b=3)"),
     # tri: G_in S G_out^T (k != h, h defaulting to k, factors wider than the kernel, a budget,
     # inside a sum, transposed)
     Case("tri", "tri(k=3, h=2)"),
@@ -114,6 +128,6 @@ CASES = [
 # handful of rows that between them hold every kind of variable and fixed array.
 EXPENSIVE = ["dense", "lowrank", "named_tri", "scalars_paper", "sum_R", "sum_P_slice",
              "sum_of_product", "sum_tile_D", "kron", "dct2", "sketch", "sss", "sparse",
-             "butterfly_padded", "tri"]
+             "butterfly_padded", "tri", "monarch_padded", "sum_F_in_product"]
 
 BY_ID = {case.id: case for case in CASES}

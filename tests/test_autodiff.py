@@ -107,6 +107,10 @@ OPS = [
     ("sum axis", lambda p, ns: ns.sum(p["a"], axis=0), {"a": (3, 4)}),
     ("sum axis keepdims", lambda p, ns: ns.sum(p["a"], axis=-1, keepdims=True) * p["a"], {"a": (3, 4)}),
     ("pad", lambda p, ns: ns.pad(p["a"], [[0, 0], [0, 2]]), {"a": (3, 4)}),
+    ("flip", lambda p, ns: ns.flip(ns.reshape(p["a"], (2, 2, 3)), axis=1) * C.reshape(2, 2, 3), {"a": (3, 4)}),
+    ("ones, arange", lambda p, ns: p["a"] * ns.ones((3, 4)) + ns.arange(4), {"a": (3, 4)}),
+    ("scatter", lambda p, ns: (ns.scatter(IDX[:3, None] * 2 + 1, p["a"], (8,)) if ns is not np
+                               else np.bincount(IDX[:3] * 2 + 1, p["a"], minlength=8)) * np.arange(8.0), {"a": (3,)}),
 ]
 
 
@@ -144,7 +148,7 @@ def test_a_parameter_not_used_gets_zeros_and_constants_stay_numpy():
 
 
 @pytest.mark.parametrize("fn,error,match", [
-    (lambda p: xp.where(p["a"] > 0, p["a"], 0), AttributeError, r"^autodiff's xp has no 'where'; supported: concatenate"),
+    (lambda p: xp.where(p["a"] > 0, p["a"], 0), AttributeError, r"^autodiff's xp has no 'where'; supported: arange, concatenate"),
     (lambda p: p["a"].T, AttributeError, r"^autodiff does not support '\.T' on traced arrays"),
     (lambda p: p["a"][IDX], NotImplementedError, r"^autodiff supports basic indexing only"),
     (lambda p: np.asarray(p["a"]), NotImplementedError, r"^a traced array cannot become a numpy array"),

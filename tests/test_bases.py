@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.fft
+import scipy.stats
 from hypothesis import given, strategies as st
 
 from keras_decomp.operators import bases
@@ -149,10 +150,33 @@ def test_rank1_is_an_outer_product_with_the_documented_scales():
     assert abs(v.var() * 20000 - 1) < 0.05
 
 
-def test_diagonal():
-    d = bases.diagonal(rng(), 6)
-    assert d.shape == (6,)
-    np.testing.assert_array_equal(np.diag(d) @ np.ones(6), d)
+@pytest.mark.parametrize("seed, key", [(0, (0,)), (3, (1, 2)), (12345, ())])
+def test_diagonal_is_the_documented_standard_normal_stream(seed, key):
+    """d = N(0, 1) draws of PCG64 seeded by SeedSequence(seed, spawn_key=key), generated here
+    without keras_decomp: the fixed arrays of a seed must never change."""
+    independent = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
+    d = bases.diagonal(bases.generator(seed, key), 6)
+    assert d.shape == (6,) and d.dtype == np.float64
+    np.testing.assert_array_equal(d, independent.standard_normal(6))
+
+
+def test_diagonal_entries_are_standard_normal():
+    n = 20000
+    d = bases.diagonal(rng(), n)
+    # 5 standard errors: mean sd 1/sqrt(n), variance sd sqrt(2/n)
+    assert abs(d.mean()) < 5 / np.sqrt(n)
+    assert abs(d.var() - 1) < 5 * np.sqrt(2 / n)
+    assert scipy.stats.kstest(d, "norm").pvalue > 1e-4
+    other = bases.diagonal(rng((1,)), n)  # another key: an independent draw
+    assert abs(np.corrcoef(d, other)[0, 1]) < 5 / np.sqrt(n)
+
+
+def test_the_D_basis_is_the_diagonal_matrix_of_its_draw():
+    from keras_decomp import parse
+    node = parse("D", 5, 5, seed=4).stages[0]
+    (d,) = node.fixed_arrays().values()
+    np.testing.assert_array_equal(node.to_dense(), np.diag(d))
+    np.testing.assert_array_equal(d, bases.diagonal(bases.generator(4, node.rng_key), 5))
 
 
 def test_identity():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import keras
@@ -126,12 +127,27 @@ def folder(tmp_path_factory):
 def test_float_export_matches_keras(structure, mode, fresh, images, folder):
     model = fresh(structure)
     path = folder / f"{structure.replace(' ', '_')}_{mode}.tflite"
+    started = time.perf_counter()
     report = export(model, path, mode=mode, sample=images)
+    elapsed = time.perf_counter() - started
     assert report["forms"] == {"hidden": mode}
     assert report["max_abs_diff"] <= 1e-5, report
     assert report["top1_agreement"] == 1.0, report
     assert path.stat().st_size == report["bytes"]
-    assert report["latency_s"] > 0
+    # the median of 200 timed batch-1 calls, in seconds: at least 100 calls took that long or
+    # longer, all of them inside export()
+    assert 0 < report["latency_s"] <= elapsed / 100, (report["latency_s"], elapsed)
+    # and the same order as a median of batch-1 calls timed here (a shared machine: a factor 10)
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images[:1].astype("float32"))
+    times = []
+    for _ in range(60):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - start)
+    assert 0.1 < report["latency_s"] / float(np.median(times[10:])) < 10, (report["latency_s"], times)
     if mode == "factored":
         # stored_entries predicts the file: 4 bytes per number kept, plus the ops' overhead
         # (a little under where the converter drops a multiplication by freshly initialised ones)

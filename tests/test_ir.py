@@ -280,6 +280,96 @@ def test_flops(c):
         root.flops(1, "fast")
 
 
+# FLOPs by hand, per case: mm(a, b, c) = 2abc is an (a, b) @ (b, c) product, multiplies and
+# adds counted; b is the batch.  "apply" goes factor by factor (each factor of a product or term
+# of a sum by its own cheaper way), "materialize" builds W and does one mm(b, n, m).  The counts
+# choose between the two in the layers, so each formula is written out from the structure.
+def mm(a, b, c):
+    return 2 * a * b * c
+
+
+FLOPS = [
+    # id, text, n, m, params, apply(b), materialize(b)
+    ("dense", "dense", 4, 3, None, lambda b: mm(b, 4, 3), lambda b: mm(b, 4, 3)),
+    ("diag", "diag", 5, 3, None, lambda b: 3 * b, lambda b: mm(b, 5, 3)),
+    ("lowrank", "lowrank(r=2)", 6, 5, None,  # x U then (x U) V; U V then x W
+     lambda b: mm(b, 6, 2) + mm(b, 2, 5), lambda b: mm(6, 2, 5) + mm(b, 6, 5)),
+    ("identity", "I", 5, 5, None, lambda b: 0, lambda b: mm(b, 5, 5)),
+    ("P-slice", "P[:k]", 10, 4, {"k": 4}, lambda b: 0, lambda b: mm(b, 10, 4)),  # a gather
+    ("D", "D", 5, 5, None, lambda b: 5 * b, lambda b: mm(b, 5, 5)),
+    ("R", "R", 6, 4, None, lambda b: 2 * b * (6 + 4), lambda b: 6 * 4 + mm(b, 6, 4)),  # (x u) v^T
+    ("H", "H", 8, 8, None, lambda b: mm(b, 8, 8), lambda b: mm(b, 8, 8)),
+    # sums of fixed draws: c . stack (2 n entries per matrix entry), then one product
+    ("sum-G", "sum(G, n=5)", 6, 4, None,
+     lambda b: 2 * 5 * 6 * 4 + mm(b, 6, 4), lambda b: 2 * 5 * 6 * 4 + mm(b, 6, 4)),
+    ("sum-D", "sum(D, n=4)", 5, 5, None,
+     lambda b: 2 * 4 * 5 + 5 * b, lambda b: 2 * 4 * 5 + mm(b, 5, 5)),
+    ("sum-R", "sum(R, n=6)", 20, 15, None,  # ((x U^T) * c) V: 2b n (rows + cols) + b n
+     lambda b: 2 * b * 6 * (20 + 15) + b * 6, lambda b: 2 * 6 * 20 * 15 + mm(b, 20, 15)),
+    ("sum-DCT", "sum(DCT, n=3)", 6, 6, None,  # one DCT draw: x DCT, times sum(c) (n adds, b*m products)
+     lambda b: mm(b, 6, 6) + b * 6 + 3, lambda b: 6 * 6 + 3 + mm(b, 6, 6)),
+    ("tile-G", "tile(G, n=4)", 5, 12, None, lambda b: 4 * mm(b, 5, 3), lambda b: mm(b, 5, 12)),
+    ("kron", "kron(DCT2(h=2, w=2), A1)", 8, 12, None,  # A1 (2, 3): x3 B over (4b, 2), then A
+     lambda b: mm(4 * b, 2, 3) + mm(3 * b, 4, 4), lambda b: 8 * 12 + mm(b, 8, 12)),
+    ("product", "A1 dense A2", 5, 3, None,
+     lambda b: mm(b, 5, 5) + mm(b, 5, 5) + mm(b, 5, 3),
+     lambda b: mm(5, 5, 5) + mm(5, 5, 3) + mm(b, 5, 3)),
+    ("slice", "(G dense)[:k]", 5, 3, {"k": 3},  # the product (5, 5)(5, 3) by its cheaper way
+     lambda b: min(mm(b, 5, 5) + mm(b, 5, 3), mm(5, 5, 3) + mm(b, 5, 3)),
+     lambda b: mm(5, 5, 3) + mm(b, 5, 3)),
+    ("transpose", "A1'", 5, 3, None, lambda b: mm(b, 5, 3), lambda b: mm(b, 5, 3)),
+    ("scale", "2 * A1", 5, 3, None, lambda b: mm(b, 5, 3) + b * 3, lambda b: 5 * 3 + mm(b, 5, 3)),
+    ("scalar", "G * a", 5, 3, None, lambda b: mm(b, 5, 3) + b * 3, lambda b: 5 * 3 + mm(b, 5, 3)),
+    ("add", "G + A1", 5, 3, None, lambda b: 2 * mm(b, 5, 3) + b * 3, lambda b: 5 * 3 + mm(b, 5, 3)),
+    # the families
+    ("tri", "tri(k=3, h=2)", 12, 8, None,  # x G_in S G_out^T
+     lambda b: mm(b, 12, 3) + mm(b, 3, 2) + mm(b, 2, 8),
+     lambda b: mm(12, 3, 2) + mm(12, 2, 8) + mm(b, 12, 8)),
+    ("sketch", "sketch(k=2, l=2)", 12, 8, None,  # width l*k = 4; two paths, then their average
+     lambda b: 2 * (mm(b, 12, 4) + mm(b, 4, 8)) + 2 * b * 8,
+     lambda b: mm(12, 4, 8) + mm(12, 4, 8) + 2 * 12 * 8 + mm(b, 12, 8)),
+    # sss(p=2, d=1) on 4x4: blocks of 2; D_0, D_1 (2, 2), B_0, F_1 (2, 1), C_1, G_0 (1, 2): 16
+    # parameters, one multiply-add each per row, plus 2 + 2 additions of the state parts;
+    # materialised: the two off-diagonal blocks B_0 C_1 and F_1 G_0, mm(2, 1, 2) each
+    ("sss", "sss(p=2, d=1)", 4, 4, None, lambda b: 2 * b * 16 + 4 * b, lambda b: 2 * mm(2, 1, 2) + mm(b, 4, 4)),
+    # sparse(q=3, s=2) on 12x8: factors (12, 12), (12, 12), (12, 8).  A gather counts GATHER = 128
+    # FLOPs per number read (sparse.py: memory-bound kernels): applied, a factor reads s inputs
+    # per output, 128 b cols s; built, one scatter of its cols*s values into rows x cols zeros,
+    # 2 rows cols + 128 cols s.  Each factor goes its cheaper way (at b = 32 and 1000: built).
+    ("sparse", "sparse(q=3, s=2)", 12, 8, None,
+     lambda b: 2 * min(128 * b * 12 * 2, 2 * 144 + 128 * 24 + mm(b, 12, 12))
+     + min(128 * b * 8 * 2, 2 * 96 + 128 * 16 + mm(b, 12, 8)),
+     lambda b: 2 * (2 * 144 + 128 * 24) + (2 * 96 + 128 * 16) + mm(12, 12, 12) + mm(12, 12, 8) + mm(b, 12, 8)),
+    # butterfly on 16: 4 factors.  An elementwise op counts ELEMENTWISE = 8 FLOPs (butterfly.py).
+    # Flips: 4 elementwise ops per factor and entry, 8 * 4 * 4 * 16 b.  Blocks (split h = 2:
+    # blocks of 4): building them 8 * 2 * 16 * (4 + 4), three transposes 8 * 3 * 16 b, two block
+    # products mm(4b, 4, 4).  Materialised: the cheaper way applied to the 16 rows of I, then x W.
+    ("butterfly", "butterfly", 16, 16, None,
+     lambda b: min(8 * 4 * 4 * 16 * b, 8 * 2 * 16 * 8 + 8 * 3 * 16 * b + 2 * mm(4 * b, 4, 4)),
+     lambda b: min(8 * 4 * 4 * 16 * 16, 8 * 2 * 16 * 8 + 8 * 3 * 16 * 16 + 2 * mm(4 * 16, 4, 4)) + mm(b, 16, 16)),
+]
+
+
+@pytest.mark.parametrize("id_, text, n, m, params, apply, materialize", FLOPS, ids=[f[0] for f in FLOPS])
+def test_flops_are_the_hand_counts(id_, text, n, m, params, apply, materialize):
+    root = keras_decomp.parse(text, n, m, params=params).stages[0]
+    checked = 0
+    for batch in (1, 32, 1000):
+        assert root.flops(batch, "apply") == apply(batch), (id_, batch, "apply")
+        assert root.flops(batch, "materialize") == materialize(batch), (id_, batch, "materialize")
+        checked += 1
+    assert checked == 3
+
+
+def test_flops_cases_cover_every_kind():
+    assert len(FLOPS) >= 15
+    kinds = {type(node).__name__ for f in FLOPS
+             for node in keras_decomp.parse(f[1], f[2], f[3], params=f[4]).stages[0].walk()}
+    assert kinds >= {"Dense", "Diag", "LowRank", "SumOf", "Kron", "Product", "Slice", "Transpose", "Scale",
+                     "Add", "Tri", "Sketch", "SSS", "SparseProduct", "ButterflyProduct", "SparseFactor", "Identity",
+                     "Permutation", "Diagonal", "RankOne", "Deterministic", "Gaussian", "TiledLeaf"}, kinds
+
+
 # ---- properties of single node kinds -------------------------------------------------------------
 
 def dense_of(text, n, m, params=None, seed=0, values_seed=1):

@@ -2,9 +2,12 @@
 Dense and Conv2D (output against the dense kernel in every mode, gradients, counts, config,
 saving, a fit step), then weight tying, errors, mixed precision and the other backend.
 
-The reference is the dense kernel that the numpy IR makes of the layer's own variables
-(``node.to_dense``), applied in float64: ``x @ W`` for Dense, the kh x kw patches of x @ W for
-Conv2D; a plain ``keras.layers.Dense``/``Conv2D`` holding W checks that reference (and the
+The reference is a dense kernel W of the layer's own variables, applied in float64: ``x @ W``
+for Dense, the kh x kw patches of x @ W for Conv2D.  W is built independently of the code the
+layer runs wherever HAND_BUILT has the case (numpy and scipy, from the values and the fixed
+arrays); for the other cases the layer's output is compared with the numpy IR's matrix by both
+of its paths (``materialize`` and ``apply`` to the identity), so each layer mode meets the
+other path.  A plain ``keras.layers.Dense``/``Conv2D`` holding W checks that reference (and the
 convolution options).  Most of the time goes to compiling, so the numpy reference saves JAX
 a compilation per case.
 """
@@ -24,8 +27,10 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_decomp import DecompError, layers
+from keras_decomp import DecompError, layers, parse
 from layer_cases import BY_ID, EXPENSIVE
+from test_ir import perm_matrix, ref_dct, ref_dct2
+from test_sparse_reference import butterfly_dense, key_of, sparse_dense
 
 BACKEND = keras.backend.backend()
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,17 +97,92 @@ def kernel_rows(layer, x) -> np.ndarray:
     return np.stack(patches, axis=3).reshape(-1, kh * kw * c)
 
 
-def expected_output(layer, x) -> np.ndarray:
-    """x @ to_dense(values) + bias in float64 (for Conv2D, the patches of x @ to_dense)."""
-    y = kernel_rows(layer, x) @ layer.node.to_dense(values(layer))
+def expected_output(layer, x, kernel=None) -> np.ndarray:
+    """x @ kernel + bias in float64 (for Conv2D, the patches of x @ kernel); the kernel is
+    to_dense(values) unless given."""
+    kernel = layer.node.to_dense(values(layer)) if kernel is None else kernel
+    y = kernel_rows(layer, x) @ kernel
     if layer.bias is not None:
         y = y + layer.bias.numpy()
     return y.reshape(tuple(x.shape[:1]) + tuple(layer.compute_output_shape(x.shape)[1:]))
 
 
-def reference(layer):
-    """A plain Keras layer holding the dense kernel that the numpy IR makes of the layer's values."""
-    kernel = layer.node.to_dense(values(layer))
+# ---- kernels built without the IR's code -------------------------------------------------------
+
+def _diag(d, rows, cols):
+    w = np.zeros((rows, cols))
+    for i, value in enumerate(d):
+        w[i, i] = value
+    return w
+
+
+def _weighted(c, stack):
+    return sum(cj * a for cj, a in zip(c, stack))
+
+
+def _sparse(q):
+    return lambda V, F, case, node: sparse_dense(node, F, V, case.n, case.m, q)
+
+
+def _butterfly(V, F, case, node):
+    (sub,) = [n for n in node.walk() if n.label().startswith("butterfly(")]
+    return butterfly_dense(key_of(sub), V, *sub.shape)
+
+
+# case id -> (values V, fixed arrays F, case, node) -> the (n, m) kernel, by hand
+HAND_BUILT = {
+    "dense": lambda V, F, c, node: V["dense.0.0"],
+    "diag": lambda V, F, c, node: _diag(V["diag.0.0"], 12, 8),
+    "diag_wide": lambda V, F, c, node: _diag(V["diag.0.0"], 8, 12),
+    "lowrank": lambda V, F, c, node: V["lowrank.0.0.u"] @ V["lowrank.0.0.v"],
+    "named_factors": lambda V, F, c, node: V["g0"] @ V["g1"],
+    "named_tri": lambda V, F, c, node: V["g0"] @ V["s1"] @ V["g1"].T,
+    "named_scalar": lambda V, F, c, node: V["a"] * F["G.0.0"],
+    "constant_scale": lambda V, F, c, node: 2.5 * V["dense.0.0"],
+    "sum": lambda V, F, c, node: V["dense.0.0"] + V["lowrank.0.1.u"] @ V["lowrank.0.1.v"],
+    "difference": lambda V, F, c, node: V["dense.0.0"] - _weighted(V["sum.0.1"], F["SUM.0.1"]),
+    "product": lambda V, F, c, node: F["G.0.0"] @ V["dense.0.1"],
+    "product_at": lambda V, F, c, node: V["lowrank.0.0.u"] @ V["lowrank.0.0.v"] @ _diag(V["diag.0.1"], 12, 8),
+    "transpose": lambda V, F, c, node: V["dense.0.0"].T,
+    "transpose_product": lambda V, F, c, node: (F["G.0.0"] @ V["dense.0.1"]).T,
+    "slice": lambda V, F, c, node: V["dense.0.0"][:, 2:10],
+    "dct_slice_symbol": lambda V, F, c, node: ref_dct(12)[:, :5] @ V["dense.0.1"],
+    "sum_G": lambda V, F, c, node: _weighted(V["sum.0.0"], F["SUM.0.0"]),
+    "sum_S": lambda V, F, c, node: _weighted(V["sum.0.0"], F["SUM.0.0"]),
+    "sum_R": lambda V, F, c, node: sum(cj * np.outer(u, v) for cj, u, v in
+                                       zip(V["sum.0.0"], F["SUM.0.0.u"], F["SUM.0.0.v"])),
+    "sum_D": lambda V, F, c, node: _diag(_weighted(V["sum.0.0"], F["SUM.0.0"]), 12, 12),
+    "sum_P_slice": lambda V, F, c, node: _weighted(
+        V["sum.0.0"], [perm_matrix(F[f"P.0.1.0.{j}"], 12) for j in range(3)])[:, :8],
+    "tile": lambda V, F, c, node: np.hstack([V["dense.0.1.0.0"], V["dense.0.1.0.1"]]),
+    "kron": lambda V, F, c, node: np.kron(ref_dct2(2, 2), V["dense.0.2.0.1"]),
+    "kron_right": lambda V, F, c, node: np.kron(V["dense.0.1.0.0"], ref_dct2(2, 2)),
+    "identity": lambda V, F, c, node: V["dense.0.0"] @ np.eye(8),
+    "tri": lambda V, F, c, node: V["tri.0.0.g_in"] @ V["tri.0.0.s"] @ V["tri.0.0.g_out"].T,
+    "sss_one_stage": lambda V, F, c, node: V["sss.0.0.D0"],
+    "sparse": _sparse(3),
+    "sparse_one_factor": _sparse(1),
+    "butterfly": _butterfly,
+    "butterfly_padded": _butterfly,
+    "butterfly_in_product": lambda V, F, c, node: ref_dct(12) @ _butterfly(V, F, c, node),
+}
+
+
+def reference_kernels(layer, case) -> dict[str, np.ndarray]:
+    """The kernels the layer's output must match, float64: the hand-built one where there is
+    one; always the numpy IR's by ``materialize`` (to_dense) and by ``apply`` to the identity."""
+    node, theta = layer.node, values(layer)
+    v = {**node.fixed_arrays(), **theta}
+    kernels = {"to_dense": node.to_dense(theta), "apply(I)": np.asarray(node.apply(np.eye(case.n), v, np))}
+    if case.id in HAND_BUILT:
+        kernels["hand-built"] = HAND_BUILT[case.id](theta, node.fixed_arrays(), case, node)
+    return kernels
+
+
+def reference(layer, kernel=None):
+    """A plain Keras layer holding ``kernel`` (by default the dense kernel that the numpy IR makes
+    of the layer's values) and the layer's bias."""
+    kernel = layer.node.to_dense(values(layer)) if kernel is None else kernel
     if isinstance(layer, layers.Conv2D):
         ref = keras.layers.Conv2D(layer.filters, layer.kernel_size, strides=layer.strides,
                                   padding=layer.padding, data_format=layer.data_format,
@@ -183,14 +263,40 @@ def model_of(layer, case, kind):
 def test_output_equals_dense_kernel_in_every_mode(case, kind):
     x = sample(case, kind)
     expected = None
+    outputs = {}
     for mode in MODES:  # same seed, same initial values: one reference serves all modes
         layer = built(case, kind, mode)
         if expected is None:
-            expected = expected_output(layer, x)
+            expected = {name: expected_output(layer, x, kernel)
+                        for name, kernel in reference_kernels(layer, case).items()}
             assert_close(layer.materialize(), layer.node.to_dense(values(layer)), msg="materialize()")
-        y = layer(x)
+        y = outputs[mode] = layer(x)
         assert tuple(y.shape) == tuple(layer.compute_output_shape(x.shape))
-        assert_close(y, expected, msg=f"mode={mode}")
+        for name, reference_y in expected.items():
+            assert_close(y, reference_y, msg=f"mode={mode} against the {name} kernel")
+    assert len(expected) == 2 + (case.id in HAND_BUILT)
+    assert_close(outputs["apply"], outputs["materialize"], msg="apply against materialize")
+
+
+def test_hand_built_kernels_cover_most_cases():
+    assert set(HAND_BUILT) <= set(BY_ID)
+    assert len(HAND_BUILT) >= 30
+
+
+@pytest.mark.parametrize("name", sorted(HAND_BUILT))
+def test_numpy_ir_equals_the_hand_built_kernel(name):
+    """In float64 at 1e-12, for random values (init sets diagonals and scalars to ones):
+    the layer harness's two numpy paths against the matrix built by hand."""
+    case = BY_ID[name]
+    node = parse(case.W, case.n, case.m, params=case.params, seed=7).stages[0]
+    rng = np.random.default_rng(5)
+    theta = {k: rng.standard_normal(shape) for k, shape in node.param_shapes().items()}
+    fixed = node.fixed_arrays()
+    hand = HAND_BUILT[name](theta, fixed, case, node)
+    assert hand.shape == (case.n, case.m)
+    scale = float(np.abs(hand).max())
+    np.testing.assert_allclose(node.to_dense(theta), hand, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(node.apply(np.eye(case.n), {**fixed, **theta}, np), hand, rtol=0, atol=1e-12 * scale)
 
 
 @pytest.mark.parametrize("case, kind", rows("dense", "named_tri", "sum_P_slice", "kron"))
@@ -300,10 +406,21 @@ def test_conv_options_match_keras(options, mode):
     case = BY_ID["product_at"]  # a product: apply mode convolves with its first factor only
     layer = make(case, "conv", mode, **options)
     x = sample(case, "conv")
-    if options.get("data_format") == "channels_first":
+    first = options.get("data_format") == "channels_first"
+    if first:
         x = np.transpose(x, (0, 3, 1, 2))
+    layer.build(x.shape)
+    bias = np.linspace(-1.0, 1.0, case.m).astype("float32")  # non-zero, different per filter
+    layer.bias.assign(bias)
+    kernel = HAND_BUILT[case.id](values(layer), layer.node.fixed_arrays(), case, layer.node)
     y = layer(x)
-    assert_close(y, reference(layer)(x))
+    assert_close(y, reference(layer, kernel)(x))
+    if first:  # the same convolution channels last, the transposes done here in numpy
+        last = keras.layers.Conv2D(case.m, case.kernel)
+        last.build((None, None, None, case.channels))
+        last.set_weights([kernel.reshape(case.kernel + (case.channels, case.m)).astype("float32"), bias])
+        y_last = ops.convert_to_numpy(last(np.transpose(x, (0, 2, 3, 1))))
+        assert_close(y, np.transpose(y_last, (0, 3, 1, 2)))
 
 
 def test_fixed_arrays_are_regenerated_not_saved(tmp_path):

@@ -30,6 +30,8 @@ from keras_decomp.training.builder import build
 from keras_decomp.training.specs import load_spec
 from keras_decomp.training.staging import fit_staged
 
+from checkpoints import assert_same_state, record_train_starts, state_in_file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings(
@@ -148,10 +150,11 @@ def test_non_finite_layers():
 
 
 @pytest.mark.slow
-def test_diverging_stage_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_diverging_stage_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """Stage 1 at a learning rate of 1e30 diverges in its first batches: the run stops with the
     layers named, state.json still points at the hand-over checkpoint, which is finite; resumed
-    with a sane learning rate, the run finishes."""
+    with a sane learning rate, the run goes on from that checkpoint's weights and optimizer
+    state (read here by Keras) at the new rate, and finishes."""
     spec = tiny_spec("diverge", stages=[{"epochs": 1}, {"epochs": 2, "learning_rate": 1.0e+30}])
     with pytest.raises(DecompError, match=r"^training diverged \(stage 1, epoch 0, .*\): the weights of layer "
                                           r"'dense_1' became NaN or infinite \(also 'dense_2'\), the loss became "
@@ -161,11 +164,18 @@ def test_diverging_stage_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     state = json.loads((folder / "state.json").read_text())
     assert (state["stage"], state["epoch"], state["model"]) == (1, 0, "model-s1-e0.keras")
     assert sorted(p.name for p in folder.iterdir()) == ["model-s1-e0.keras", "state.json"]
-    assert staging.non_finite_layers(load_model(folder / state["model"])) == []
+    weights = load_model(folder / state["model"]).get_weights()
+    assert len(weights) == 5 and all(np.isfinite(w).all() for w in weights)  # checked here, not by the guard's helper
     assert not (tmp_path / "report.json").exists()
 
     spec["stages"][1]["learning_rate"] = 0.01
+    committed = state_in_file(folder / state["model"])
+    assert committed["optimizer learning_rate"] == np.float32(1e30)  # the rate the file was compiled with
+    starts = record_train_starts(monkeypatch)
     report = fit_staged(spec, source="bundled", out=tmp_path, resume=True, verbose=0)
+    assert [start[:2] for start in starts] == [(1, 0)]
+    counts = assert_same_state(starts[0][2], committed, learning_rate=0.01)
+    assert counts["weights"] == 5  # the two low-rank factors and bias of dense_1, kernel and bias of dense_2
     assert [(h["stage"], h["epoch"]) for h in report["history"]] == [(0, 0), (1, 0), (1, 1)]
     assert np.isfinite(report["test_loss"])
 

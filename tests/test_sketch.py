@@ -277,7 +277,12 @@ def test_approximate_uses_least_squares():
 
 def test_compare_takes_text_and_rejects_other_structures():
     W = target(10, 4)
-    assert compare(W, "sketch(k=2)", seed=1).least_squares_error < 1
+    # the text is parsed at W's shape with the seed: the same figure as the node, which is
+    # the lstsq optimum over the node's design matrix
+    node = sketch("sketch(k=2)", 10, 4, seed=1)
+    expected = rel(node.to_dense(design_matrix_fit(W, node)), W)
+    assert compare(W, "sketch(k=2)", seed=1).least_squares_error == pytest.approx(expected, abs=1e-10)
+    assert compare(W, "sketch(k=2)", seed=2).least_squares_error != pytest.approx(expected, abs=1e-6)
     with pytest.raises(DecompError, match="compare needs a sketch"):
         compare(W, "lowrank(r=2)")
 

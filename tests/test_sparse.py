@@ -253,3 +253,176 @@ def test_fitted_arrays_must_belong_to_the_expression():
     layer = layers.Dense(4, W="sparse(q=2, s=2)", fitted={"sparse.0.0.support9": [[0, 1]]})
     with pytest.raises(DecompError, match="does not belong to 'sparse"):
         layer.build((None, 8))
+
+
+# ---- apply paths against dense factors built by hand from supports and values ------------------
+
+def hand_factor(rows, cols, support, values) -> np.ndarray:
+    """D[support[c, j], c] = values[c, j], by a loop; index ``rows`` (padding) reads nothing."""
+    D = np.zeros((rows, cols))
+    for c in range(cols):
+        for j in range(support.shape[1]):
+            if support[c, j] < rows:
+                D[support[c, j], c] += values[c, j]
+    return D
+
+
+def hand_butterfly(node, v) -> list[np.ndarray]:
+    """The factors of butterfly() by hand: output c of factor k reads c and c xor 2^k."""
+    out = []
+    for k, f in enumerate(node.factors):
+        rows, cols = f.shape
+        c = np.arange(cols)
+        weights = v[f.key] * (v[f.scale_key] if f.scale_key else 1.0)
+        out.append(hand_factor(rows, cols, np.stack([c, c ^ (1 << k)], axis=1), weights))
+    return out
+
+
+def chain(factors) -> np.ndarray:
+    W = factors[0]
+    for F in factors[1:]:
+        W = W @ F
+    return W
+
+
+BUTTERFLY_SHAPES = [(64, 64), (12, 8), (8, 32), (100, 60), (128, 128)]
+
+
+@pytest.mark.parametrize("n, m", BUTTERFLY_SHAPES)
+def test_butterfly_flips_and_blocks_equal_the_hand_built_product(n, m):
+    node = parse("butterfly", n, m).stages[0]
+    values = node.init(np.random.default_rng(0))
+    values[node.factors[0].scale_key] = np.array(1.7)
+    v = {**node.fixed_arrays(), **values}
+    W = chain(hand_butterfly(node, values))
+    x = np.random.default_rng(1).normal(size=(5, n))
+    for path in (node.apply_flips, node.apply_blocks, node.apply):
+        np.testing.assert_allclose(path(x, v, np), x @ W, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(node.to_dense(values), W, rtol=0, atol=1e-12)
+
+
+def test_butterfly_paths_by_batch_size_at_4096():
+    node = parse("butterfly", 4096, 4096).stages[0]
+    assert not node._blocks_cheaper(1) and node._blocks_cheaper(128)
+    assert node.flops(128, "apply") < node.flops(128, "materialize")
+
+
+def _tf_gradients(fn, x, r, variables):
+    import tensorflow as tf
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(fn(tf.constant(x)) * r)
+    return [g.numpy().astype(np.float64) for g in tape.gradient(loss, variables)]
+
+
+def _hand_gradients(node, values, x, r) -> dict:
+    """d <x F_1 ... F_L, r> / d values, from the hand-built factors: dF_k = (x F_<k)' (r (F_>k)')."""
+    factors = hand_butterfly(node, values) if node.kind == "butterfly" else [
+        hand_factor(*f.shape, values[f.support_key], values[f.key] * (values[f.scale_key] if f.scale_key else 1.0))
+        for f in node.factors]
+    out = {}
+    for k, f in enumerate(node.factors):
+        left = x @ chain(factors[:k]) if k else x
+        right = r @ chain(factors[k + 1:]).T if k + 1 < len(factors) else r
+        dF = np.vstack([left.T @ right, np.zeros((1, f.shape[1]))])  # the padding row reads nothing
+        support = values[f.support_key] if f.support_key in values else node.fixed_arrays()[f.support_key]
+        raw = dF[np.minimum(support, f.shape[0]), np.arange(f.shape[1])[:, None]]
+        if f.scale_key:
+            out[f.scale_key] = float(np.sum(raw * values[f.key]))
+            raw = raw * values[f.scale_key]
+        out[f.key] = raw
+    return out
+
+
+@pytest.mark.parametrize("n, m", [(64, 64), (12, 8)])
+@pytest.mark.parametrize("path", ["apply_flips", "apply_blocks"])
+def test_butterfly_gradients_in_tensorflow_equal_the_hand_built_ones(n, m, path):
+    from keras import ops
+    node = parse("butterfly", n, m).stages[0]
+    values = node.init(np.random.default_rng(2))
+    variables = {k: keras.Variable(a.astype("float32")) for k, a in values.items()}
+    fixed = {k: a.astype("int32") for k, a in node.fixed_arrays().items()}
+    x = np.random.default_rng(3).normal(size=(4, n)).astype("float32")
+    r = np.random.default_rng(4).normal(size=(4, m)).astype("float32")
+    keys = list(variables)
+    grads = _tf_gradients(lambda t: getattr(node, path)(t, {**fixed, **variables}, ops), x, r,
+                          [variables[k] for k in keys])
+    f64 = {k: np.asarray(variables[k].numpy(), np.float64) for k in keys}
+    expected = _hand_gradients(node, f64, x.astype(np.float64), r.astype(np.float64))
+    assert len(keys) == len(node.factors) + 1
+    for key, got in zip(keys, grads):
+        scale = np.abs(expected[key]).max()
+        np.testing.assert_allclose(got, expected[key], rtol=0, atol=1e-5 * scale, err_msg=key)
+
+
+def test_sparse_factor_scatter_equals_the_hand_built_factor():
+    node = parse("sparse(q=2, s=3)", 20, 12).stages[0]
+    values = node.init(np.random.default_rng(5))
+    fixed = node.fixed_arrays()
+    for f in node.factors:
+        scale = values[f.scale_key] if f.scale_key else 1.0
+        expected = hand_factor(*f.shape, fixed[f.support_key], values[f.key] * scale)
+        np.testing.assert_allclose(f.materialize({**fixed, **values}, np), expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["apply", "materialize"])
+def test_sparse_layer_paths_and_gradients_equal_the_hand_built_product(mode):
+    """The gather path (apply) and the scatter-then-matmul path (materialize) in TensorFlow."""
+    from keras import ops
+    node = parse("sparse(q=2, s=3)", 20, 12).stages[0]
+    values = node.init(np.random.default_rng(6))
+    fixed = node.fixed_arrays()
+    variables = {k: keras.Variable(a.astype("float32")) for k, a in values.items()}
+    v = {**{k: a.astype("int32") for k, a in fixed.items()}, **variables}
+    x = np.random.default_rng(7).normal(size=(4, 20)).astype("float32")
+    r = np.random.default_rng(8).normal(size=(4, 12)).astype("float32")
+
+    def run(t):
+        if mode == "apply":
+            for f in node.factors:
+                t = f.apply(t, v, ops)
+            return t
+        return ops.matmul(t, node.materialize(v, ops))
+
+    f64 = {k: np.asarray(a.numpy(), np.float64) for k, a in variables.items()}
+    W = chain([hand_factor(*f.shape, fixed[f.support_key], f64[f.key] * (f64[f.scale_key] if f.scale_key else 1.0))
+               for f in node.factors])
+    y = np.asarray(run(x), np.float64)
+    np.testing.assert_allclose(y, x @ W, rtol=0, atol=1e-5 * np.abs(x @ W).max())
+    keys = list(variables)
+    grads = _tf_gradients(run, x, r, [variables[k] for k in keys])
+    expected = _hand_gradients(node, {**fixed, **f64}, x.astype(np.float64), r.astype(np.float64))
+    for key, got in zip(keys, grads):
+        np.testing.assert_allclose(got, expected[key], rtol=0, atol=1e-5 * np.abs(expected[key]).max(), err_msg=key)
+
+
+def test_sparse_factor_path_by_batch_size_at_4096():
+    f = parse("sparse(q=2, params=0.1)", 4096, 4096).stages[0].factors[1]
+    assert f.s == 204
+    assert f.flops(1, "apply") < f.flops(1, "materialize")  # gathers for one row
+    assert f.flops(128, "materialize") < f.flops(128, "apply")  # one scatter and a matmul for 128
+
+
+@pytest.mark.parametrize("path", ["apply_flips", "apply_blocks"])
+def test_butterfly_paths_on_jax_numpy_with_gradients(path):
+    """The same paths with jax.numpy as the array namespace (what keras.ops runs on JAX)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    node = parse("butterfly", 12, 8).stages[0]
+    values = {k: a.astype("float32") for k, a in node.init(np.random.default_rng(9)).items()}
+    fixed = {k: a.astype("int32") for k, a in node.fixed_arrays().items()}
+    x = np.random.default_rng(10).normal(size=(4, 12)).astype("float32")
+    r = np.random.default_rng(11).normal(size=(4, 8)).astype("float32")
+
+    def loss(v):
+        return jnp.sum(getattr(node, path)(jnp.asarray(x), {**fixed, **v}, jnp) * r)
+
+    grads = jax.grad(loss)({k: jnp.asarray(a) for k, a in values.items()})
+    f64 = {k: a.astype(np.float64) for k, a in values.items()}
+    W = chain(hand_butterfly(node, f64))
+    np.testing.assert_allclose(np.asarray(getattr(node, path)(jnp.asarray(x), {**fixed, **values}, jnp)),
+                               x @ W, rtol=0, atol=1e-5 * np.abs(x @ W).max())
+    expected = _hand_gradients(node, f64, x.astype(np.float64), r.astype(np.float64))
+    assert set(grads) == set(expected)
+    for key, got in grads.items():
+        np.testing.assert_allclose(np.asarray(got, np.float64), expected[key], rtol=0,
+                                   atol=1e-5 * np.abs(expected[key]).max(), err_msg=key)

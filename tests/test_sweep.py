@@ -212,7 +212,11 @@ def test_sweep_writes_one_row_per_run_and_a_plot(first_sweep):
     assert (reference["trainable_params"], k10["trainable_params"]) == ("7850", "110")  # 784*10+10, 10*10+10
     for row in (reference, k10):
         assert row["error"] == "" and row["epochs"] == "1" and row["data"] == "bundled" and row["limit"] == "300"
-        assert 0 <= float(row["test_accuracy"]) <= 1 and float(row["train_time_s"]) > 0
+        # the row holds what the run's own report says, and its time covers the run's training
+        run = "-".join([row["role"], row["spec"]] + ([f"k{row['k']}"] if row["k"] else []) + [f"seed{row['seed']}"])
+        own = json.loads((out / "runs" / run / "report.json").read_text())
+        assert row["test_accuracy"] == f"{own['test_accuracy']:.4f}"
+        assert float(row["train_time_s"]) >= round(own["wall_time_s"], 1) - 0.1
         assert row["data_source"].startswith("bundled subset")
     # the CSV holds what each run's own report says
     report = json.loads((out / "runs" / "sweep-linear_dct-k10-seed3" / "report.json").read_text())

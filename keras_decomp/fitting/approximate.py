@@ -34,8 +34,9 @@ from ..language.parse import parse
 from ..operators.fixed import FixedLeaf
 from ..operators.structures.basic import Dense, Diag, LowRank, SumOf
 from . import methods, progress
-from . import sketch, sparse, sss, tri  # noqa: F401 - each registers its structure's own fit
+from . import monarch, sketch, sparse, sss, tri  # noqa: F401 - each registers its structure's own fit
 from .methods import register  # noqa: F401 - the plug-in entry point, also here
+from .fast_random import FastSum, solve_between
 from .target import check_target, rel_error
 
 DESIGN_LIMIT = 4e7  # entries of a design matrix we are willing to hold (320 MB)
@@ -189,6 +190,9 @@ def solve_block(target, node, values, fixed, key) -> dict:
         if len(holders) == 1:
             i = holders[0]
             inner = node.factors[i]
+            if isinstance(inner, FastSum) and key == inner.key:  # fast transforms, no design matrix
+                return solve_between(target, inner, key, _chain(node.factors[:i], values, fixed),
+                                     _chain(node.factors[i + 1:], values, fixed))
             if isinstance(inner, Dense) or (i == 0 and len(node.factors) == 1):
                 left = _chain(node.factors[:i], values, fixed)
                 right = _chain(node.factors[i + 1:], values, fixed)

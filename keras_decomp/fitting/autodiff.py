@@ -31,8 +31,8 @@ import string
 
 import numpy as np
 
-SUPPORTED = ("concatenate", "einsum", "eye", "matmul", "pad", "reshape", "stack", "sum", "take",
-             "tensordot", "transpose")
+SUPPORTED = ("arange", "concatenate", "einsum", "eye", "flip", "matmul", "ones", "pad", "reshape", "scatter",
+             "stack", "sum", "take", "tensordot", "transpose")
 
 
 class Traced:
@@ -194,6 +194,30 @@ class Namespace:
     @staticmethod
     def eye(n, m=None):
         return np.eye(n, m)
+
+    @staticmethod
+    def ones(shape):
+        return np.ones(shape)
+
+    @staticmethod
+    def arange(*args):
+        return np.arange(*args)
+
+    @staticmethod
+    def flip(a, axis):
+        av = value_of(a)
+        return _op([a], np.flip(av, axis=axis), lambda g: (np.flip(g, axis=axis),))
+
+    @staticmethod
+    def scatter(indices, values, shape):
+        """keras.ops.scatter: zeros of ``shape`` with ``values`` added at ``indices`` (k, rank)."""
+        if isinstance(indices, Traced):
+            raise NotImplementedError("autodiff's scatter needs constant indices")
+        where = tuple(np.asarray(indices).T)
+        vv = value_of(values)
+        out = np.zeros(shape)
+        np.add.at(out, where, vv)
+        return _op([indices, values], out, lambda g: (None, g[where]))
 
     @staticmethod
     def matmul(a, b):

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from ..operators.structures.butterfly import ButterflyProduct
 from ..operators.structures.sparse import SparseFactor, SparseProduct
 from . import methods
 from . import palm4msa as palm
@@ -103,3 +104,4 @@ def _to_values(node, result: palm.Factorization, fixed_support: bool) -> dict:
 
 methods.register(SparseProduct, fit)
 methods.register(SparseFactor, fit)
+methods.register(ButterflyProduct, fit)

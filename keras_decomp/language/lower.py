@@ -245,7 +245,7 @@ class Lowering:
         if name not in names.BASES:  # an undeclared uppercase name: one Gaussian per name
             array_key, rng_key = name, (1 << 21, zlib.crc32(name.encode()))
             self.check_named(ast, name, ("fixed", (rows, cols)))
-        kind = {"G": fx.Gaussian, "S": fx.Sign, "R": fx.RankOne}.get(name, fx.Gaussian)
+        kind = {"G": fx.Gaussian, "S": fx.Sign, "R": fx.RankOne, "F": fx.FastRandom}.get(name, fx.Gaussian)
         return kind((rows, cols), kind=name, key=array_key, seed=self.seed, rng_key=rng_key)
 
     def square_basis(self, ast, name, kwargs, rows, cols, key):
@@ -299,10 +299,10 @@ class Lowering:
             return fx.Loaded((rows, cols), kind=name, key=name, matrix=matrix)
         basis = decl.get("basis", "G")
         kind = {"G": fx.Gaussian, "S": fx.Sign, "R": fx.RankOne, "D": fx.Diagonal,
-                "P": fx.Permutation}.get(basis)
+                "P": fx.Permutation, "F": fx.FastRandom}.get(basis)
         if kind is None:
             raise ArgumentError(f"{name} is declared with the unknown basis {basis!r}", pos=ast.pos,
-                                hint="a declared basis is one of G, S, R, D, P, or a file")
+                                hint="a declared basis is one of G, S, R, D, P, F, or a file")
         if kind in (fx.Diagonal, fx.Permutation) and rows != cols:
             raise ShapeError(f"{name} ({basis}) is square, but here it would be ({rows}, {cols})", pos=ast.pos)
         self.check_named(ast, name, ("fixed", (rows, cols)))

@@ -1,4 +1,4 @@
-"""Fixed (untrained) leaves of the operator tree: I, DCT, DCT2, G, S, P, R, D, H,
+"""Fixed (untrained) leaves of the operator tree: I, DCT, DCT2, G, S, P, R, D, H, F,
 named Gaussians and matrices loaded from files.
 
 A leaf owns one or two arrays under its ``key``; random ones are generated from
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import bases
+from . import bases, fast_random
 from .ir import Node, matmul_cost
 
 
@@ -87,6 +87,33 @@ class Sign(FixedLeaf):
 
     def arrays(self, rng):
         return {"": bases.sign(rng, *self.shape)}
+
+
+@dataclass(frozen=True)
+class FastRandom(FixedLeaf):
+    """F: one draw of the fast random basis (``fast_random``): a rotated random sign matrix,
+    A (s / sqrt(rows)) B.  ``sum(F, n)`` does not stack draws: it becomes one ``FastSum``
+    over these same arrays (structures/fast_random.py)."""
+
+    stack = None
+
+    def array_shapes(self):
+        return fast_random.array_shapes(*self.shape)
+
+    def arrays(self, rng):
+        return fast_random.arrays(rng, *self.shape)
+
+    def from_arrays(self, a, xp):
+        return fast_random.matrix(None, a, 1, xp)
+
+    def apply_arrays(self, x, a, xp):
+        return fast_random.apply(x, None, a, 1, xp)
+
+    def apply_arrays_cost(self, batch):
+        return fast_random.apply_cost(self.shape, batch)
+
+    def build_cost(self):
+        return fast_random.build_cost(self.shape)
 
 
 @dataclass(frozen=True)

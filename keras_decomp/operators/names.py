@@ -8,7 +8,7 @@ outside the package (``reserve_structure``).
 
 from __future__ import annotations
 
-BASES = ("I", "DCT", "DCT2", "G", "S", "P", "R", "D", "H")
+BASES = ("I", "DCT", "DCT2", "G", "S", "P", "R", "D", "H", "F")
 SQUARE_BASES = ("I", "DCT", "P", "D", "H")
 _structures = ["dense", "diag", "lowrank", "sum", "tile", "kron", "sketch", "sparse", "butterfly", "tri", "sss"]
 

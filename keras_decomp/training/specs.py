@@ -38,7 +38,7 @@ STAGE_KEYS = ("epochs", "learning_rate", "batch_size", "optimizer", "label_smoot
 DATA_KEYS = ("name", "source", "limit", "validation")
 EXPORT_KEYS = ("tflite", "saved_model")
 DECOMPOSED = ("Dense", "EinsumDense", "Conv1D", "Conv2D")
-DECLARABLE = ("G", "S", "R", "D", "P")  # the bases a fixed: declaration may name (lower.declared_leaf)
+DECLARABLE = ("G", "S", "R", "D", "P", "F")  # the bases a fixed: declaration may name (lower.declared_leaf)
 
 _COUNT = ("a positive integer", (int,), True)
 # A key of data:, train: or stages[i]: -> (what its value must be, its types, whether it must be > 0).

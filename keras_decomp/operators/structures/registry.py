@@ -15,6 +15,7 @@ from .. import ir
 from .. import names
 from ...errors import ArgumentError, ShapeError, UnknownNameError
 from .basic import Dense, Diag, LowRank, SumOf
+from .fast_random import FastSum
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,11 @@ class Structure:
 
     ``build(low, call, args, rows, cols, key)`` gets the checked keyword
     arguments as ``args`` (ints or floats, symbols resolved).  ``size`` is
-    the argument that ``params=`` replaces.
+    the argument that ``params=`` replaces.  ``count(rows, cols, size)``, where
+    given, is the trainable count without building a node (None: no such
+    node): ``params=`` then picks, among sizes 1..min(rows, cols), the one with
+    the largest count within budget, for structures whose count falls as the
+    size grows (monarch's b blocks).
     """
 
     name: str
@@ -33,6 +38,7 @@ class Structure:
     positional: int = 0
     size: str | None = None
     hint: Callable | None = None
+    count: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,8 @@ def _within_budget(low, structure, call, args, budget, rows, cols, key):
     if isinstance(fraction, bool) or not 0 < fraction <= 1:
         raise ArgumentError(f"params= must be a fraction in (0, 1], got {fraction!r}", pos=pos)
     allowed = fraction * rows * cols
+    if structure.count:
+        return _best_count(low, structure, call, args, (fraction, pos), rows, cols, key)
 
     def node(size):
         return structure.build(low, call, {**args, structure.size: size}, rows, cols, key)
@@ -146,6 +154,21 @@ def _within_budget(low, structure, call, args, budget, rows, cols, key):
     return node(lo)
 
 
+def _best_count(low, structure, call, args, budget, rows, cols, key):
+    """params= for a structure with ``count``: the size whose count is the largest within budget."""
+    fraction, pos = budget
+    allowed = fraction * rows * cols
+    counts = {size: structure.count(rows, cols, size) for size in range(1, min(rows, cols) + 1)}
+    fits = [(count, -size) for size, count in counts.items() if count is not None and count <= allowed]
+    if not fits:
+        smallest = min(c for c in counts.values() if c is not None)
+        raise ArgumentError(f"impossible budget: the smallest {call.func} has {smallest} trainable parameters, "
+                            f"more than params={fraction:g} of {rows}x{cols} ({int(allowed)})", pos=pos,
+                            hint="raise the fraction or choose a smaller structure")
+    size = -max(fits)[1]
+    return structure.build(low, call, {**args, structure.size: size}, rows, cols, key)
+
+
 # ---- the built-in structures ------------------------------------------------
 
 def _auto_key(low, call, key):
@@ -165,9 +188,30 @@ def _lowrank(low, call, args, rows, cols, key):
 
 
 def _sum(low, call, args, rows, cols, key):
+    if _is_fast_basis(low, call.args[0]):
+        return _fast_sum(low, call, args, rows, cols, key)
     with low.draws(args["n"], rows * cols, f"sum(n={args['n']}) of {rows}x{cols} terms", call.pos):
         draws = tuple(low.lower(call.args[0], rows, cols, key + (low.index(call), j)) for j in range(args["n"]))
     return SumOf((rows, cols), key=_auto_key(low, call, key), draws=draws)
+
+
+def _is_fast_basis(low, arg) -> bool:
+    """Whether ``arg`` is the reserved basis F (``F`` or ``F(seed=...)``), not a declared name."""
+    name = arg.func if hasattr(arg, "func") else getattr(arg, "name", None)
+    return name == "F" and "F" not in low.declared
+
+
+def _fast_sum(low, call, args, rows, cols, key):
+    """sum(F, n): one F's arrays (rows*cols signs and small factors) serve all n draws."""
+    n, size = args["n"], rows * cols
+    if n > size:
+        pos = next((kw.pos for kw in call.kwargs if kw.name == "n"), call.pos)
+        raise ShapeError(f"sum(F, n={n}) needs at most {size} draws on a {rows}x{cols} matrix "
+                         f"(its draws are orthogonal)", pos=pos,
+                         hint=f"use n <= {size}, or G for more draws than entries")
+    with low.draws(1, size, f"sum(F, n={n}) of {rows}x{cols} terms", call.pos):
+        leaf = low.lower(call.args[0], rows, cols, key + (low.index(call), 0))
+    return FastSum((rows, cols), key=_auto_key(low, call, key), leaf=leaf, n=n)
 
 
 def _tile(low, call, args, rows, cols, key):

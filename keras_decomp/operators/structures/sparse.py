@@ -9,11 +9,14 @@ row of each factor.  A factor holds two (cols, s) arrays: the trainable
 off the support are not variables at all, so they are exactly zero before,
 during and after training, they take no gradient and count as no parameter;
 ``apply`` is a gather of x's columns by the support (y[:, c] = sum_j
-x[:, support[c, j]] * values[c, j]), ``materialize`` builds the factor from s
-one-hot gathers of the identity.  Both use only what numpy and keras.ops share
-(no ``tf.sparse``: it has no keras.ops or JAX form, so it was not tried).  The
-cost model counts the gather as 2 * batch * cols * s FLOPs and so picks it at
-every batch size; benchmarks/sparse_mnist.py measures what that gives.
+x[:, support[c, j]] * values[c, j]), ``materialize`` scatters the values into
+a dense factor (one ``scatter``).  Both use only what numpy and keras.ops
+share.  The cost model prices a gathered or scattered number at ``GATHER``
+matmul FLOPs, so a factor runs by gathers for a few rows and is materialised
+then multiplied for a batch (at 4096 x 4096, s=204: gathers at batch 1, the
+scatter at 128); ``tf.sparse`` and CSR kernels were measured slower than both
+(benchmarks/structured_speed_sparse.py --kernels).  butterfly() has its own
+apply (butterfly.py): reshapes and flips, or two block products.
 
 Where the support lives.  It is a fixed array of the IR, so the layer keeps it
 out of the saved weights:
@@ -57,6 +60,22 @@ from .. import bases
 from ..ir import Node, Product
 from .registry import Structure, register
 
+
+
+# What one gathered or scattered number costs, in FLOPs of a dense matmul: gathers and scatters
+# are memory-bound and (on the TensorFlow CPU kernels) far from a matmul's speed, so a sparse
+# factor is applied by gathers at small batches and materialised (one scatter, then a dense
+# matmul) at large ones; benchmarks/structured_speed_sparse.py measures both.
+GATHER = 128
+
+
+def _scatter(xp, flat, values, size: int):
+    """A length-``size`` vector holding ``values`` at the distinct positions ``flat``, zero elsewhere."""
+    if xp is np:
+        out = np.zeros(size, dtype=np.result_type(values, np.float32))
+        out[flat] = values
+        return out
+    return xp.scatter(xp.reshape(flat, (-1, 1)), values, (size,))
 
 
 @dataclass(frozen=True)
@@ -113,14 +132,12 @@ class SparseFactor(Node):
         return v[self.key] * v[self.scale_key] if self.scale_key else v[self.key]
 
     def materialize(self, v, xp):
-        rows = self.shape[0]
-        basis = xp.eye(rows, rows + 1)  # column ``rows`` is zero: the padding input
-        weights, support = self._weights(v), v[self.support_key]
-        out = None
-        for j in range(self.s):
-            term = xp.take(basis, support[:, j], axis=1) * weights[:, j][None, :]
-            out = term if out is None else out + term
-        return out
+        """The dense factor by one scatter of the values (not s one-hot products of N^2 each)."""
+        rows, cols = self.shape
+        support = v[self.support_key]
+        flat = xp.reshape(support * cols + xp.reshape(xp.arange(cols), (cols, 1)), (-1,))
+        dense = _scatter(xp, flat, xp.reshape(self._weights(v), (-1,)), (rows + 1) * cols)
+        return xp.reshape(dense, (rows + 1, cols))[:rows]  # row ``rows``: what the padding index read
 
     def apply(self, x, v, xp):
         cols = self.shape[1]
@@ -130,10 +147,10 @@ class SparseFactor(Node):
         return xp.einsum("bcs,cs->bc", xp.reshape(gathered, (-1, cols, self.s)), self._weights(v))
 
     def apply_cost(self, batch):
-        return 2 * batch * self.shape[1] * self.s + self.shape[1] * self.s
+        return GATHER * batch * self.shape[1] * self.s
 
     def build_cost(self):
-        return 2 * math.prod(self.shape) * self.s + self.shape[1] * self.s
+        return 2 * math.prod(self.shape) + GATHER * self.shape[1] * self.s
 
     def label(self):
         return f"{self.pattern} factor (s={self.s})"
@@ -173,21 +190,6 @@ def _sparse(low, call, args, rows, cols, key):
     return _product(factors, (rows, cols), node_key, "sparse", s)
 
 
-def _butterfly(low, call, args, rows, cols, key):
-    node_key = low.keys(call, "butterfly", key)[0]
-    size = max(2, 1 << (max(rows, cols) - 1).bit_length())
-    levels = size.bit_length() - 1
-    gain = math.sqrt(2.0 * rows / (rows + cols))
-    factors = []
-    for k in range(levels):
-        shape = (rows if k == 0 else size, cols if k == levels - 1 else size)
-        factors.append(SparseFactor(shape, key=f"{node_key}.f{k}", support_key=f"{node_key}.support{k}", s=2,
-                                    pattern="butterfly", stride=1 << k, padded=k == 0 and rows < size,
-                                    scale_key=f"{node_key}.scale" if k == 0 else None,
-                                    gain=gain if k == 0 else 1.0))
-    return _product(tuple(factors), (rows, cols), node_key, "butterfly", 2)
-
-
 def _product(factors, shape, key, kind, s):
     # One factor is a node by itself (a product of one would give the Conv2D
     # apply path an empty rest); ``fit`` wraps it again.
@@ -197,6 +199,5 @@ def _product(factors, shape, key, kind, s):
 
 
 register(Structure("sparse", _sparse, required=("s",), optional={"q": 2}, size="s"))
-register(Structure("butterfly", _butterfly))
 
 
