@@ -113,7 +113,8 @@ def main(argv=None):
         pairs = [(row.split(":")[0], float(row.split(":")[1])) for row in args.rows.split(",")]
     for method, fraction in pairs:
         expression = {"lowrank": f"lowrank(params={fraction})", "sss": f"sss(p=4, params={fraction})",
-                      "sketch": f"sketch(params={fraction})", "budget": "lowrank"}[method]
+                      "sketch": f"sketch(params={fraction})", "monarch": f"monarch(params={fraction})",
+                      "budget": "lowrank"}[method]
         small = keras_decomp.decompose(dense, {p: expression for p in PATTERNS},
                                        budget=fraction if method == "budget" else None)
         before = accuracy(small, test)
