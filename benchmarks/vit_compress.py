@@ -1,7 +1,7 @@
 """A small vision transformer from keras_hub layers on Fashion-MNIST, compressed by
 ``decompose`` inside its blocks: the feed-forward Dense and the attention EinsumDense
 layers of its four TransformerEncoders, to about 50% and 25% of their parameters with
-lowrank, sss(p=4) and sketch (each layer at ``params=f``) and with ``budget=f`` (lowrank sizes
+lowrank, sss(p=4), sketch and monarch (each layer at ``params=f``) and with ``budget=f`` (lowrank sizes
 chosen per layer from the spectra), each fine-tuned one epoch.
 
 ViT: 7x7 patches (a strided Conv2D, 16 tokens of width 64; --patch 4 gives 49) + learned
