@@ -82,34 +82,51 @@ def layer_entries(layer) -> int:
     """Numbers a factored TFLite file keeps for a decomposed layer's kernel (not
     its bias), traced at batch 1.
 
-    A Dense layer applies W to as many rows as its input has positions before
-    the last axis.  A Conv2D layer in apply mode convolves with the first factor
-    of a product (materialised as the conv kernel) and applies the rest to the
-    channels of every output pixel; any other kernel is materialised."""
-    from .layers.conv import _positions
-
+    A Dense or EinsumDense layer applies W to as many rows as one input (batch 1)
+    has positions outside the contracted axes.  A convolution in apply mode
+    convolves with the first factor of a product (materialised as the conv
+    kernel) and applies the rest to the channels of every output position; any
+    other kernel is materialised."""
     node = layer.node
-    if type(layer).__name__ != "Conv2D":
-        rows = math.prod(d or 1 for d in layer.input.shape[1:-1]) if _has_input(layer) else 1
-        return stored_entries(node, True, rows)
+    shape = _input_shape(layer)
+    if type(layer).__name__ not in ("Conv1D", "Conv2D"):
+        return stored_entries(node, True, _rows(layer, shape))
     factors = getattr(node, "factors", None)
     if not factors:
         return math.prod(node.shape)
     first = factors[0]
     rest = factors[1] if len(factors) == 2 else Product((first.shape[1], node.shape[1]), factors=factors[1:])
-    positions = _positions(layer.compute_output_shape((1,) + tuple(layer.input.shape[1:])), layer.data_format)
-    return math.prod(first.shape) + stored_entries(rest, False, positions)
+    out = layer.compute_output_shape((1,) + tuple(shape[1:]))
+    spatial = out[1:-1] if layer.data_format == "channels_last" else out[2:]
+    return math.prod(first.shape) + stored_entries(rest, False, math.prod(d or 1 for d in spatial))
 
 
-def _has_input(layer) -> bool:
-    try:
-        return layer.input is not None
-    except (AttributeError, ValueError):  # a layer never called on a symbolic input
-        return False
+def _input_shape(layer) -> tuple:
+    from .layers.convert import input_shape_of
+
+    return input_shape_of(layer)
+
+
+def _rows(layer, shape) -> int:
+    """Rows the kernel matrix meets for one input: the input's positions outside its
+    contracted axes (its last axis for Dense)."""
+    spec = getattr(layer, "spec", None)
+    if spec is not None:  # EinsumDense
+        batch_axes = [a for a in spec.input_perm[:len(spec.input_perm) - spec.num_contracted] if a != 0]
+        return math.prod(shape[a] or 1 for a in batch_axes)
+    return math.prod(d or 1 for d in shape[1:-1])
+
+
+def _decomposed(model):
+    """(relative path, layer) of every decomposed layer of ``model``, at any depth."""
+    from .layers.base import _Decomposed
+    from .layers.surgery import relative_path, walk
+
+    return [(relative_path(model, layer), layer) for layer, _, _ in walk(model) if isinstance(layer, _Decomposed)]
 
 
 def choose_forms(model, mode: str) -> dict[str, str]:
-    """layer name -> "folded" or "factored" for every decomposed layer.
+    """layer path -> "folded" or "factored" for every decomposed layer, at any depth.
 
     >>> import keras
     >>> from keras_decomp.layers import Dense
@@ -118,57 +135,41 @@ def choose_forms(model, mode: str) -> dict[str, str]:
     >>> choose_forms(model, "auto")  # 78400 + 1000 numbers against 7840; 4176 against 5120
     {'dct': 'folded', 'low': 'factored'}
     """
-    from .layers.base import _Decomposed
-
     if mode not in MODES:
         raise DecompError(f"mode must be one of {MODES}, got {mode!r}",
                           hint="folded: W as one constant; factored: the factors kept; "
                                "auto: per layer, whichever keeps fewer numbers")
     forms = {}
-    for layer in model.layers:
-        if not isinstance(layer, _Decomposed):
-            continue
+    for path, layer in _decomposed(model):
         if mode != "auto":
-            forms[layer.name] = mode
+            forms[path] = mode
             continue
         node = layer.node
         folded, factored = math.prod(node.shape), layer_entries(layer)
         if factored != folded:
-            forms[layer.name] = "factored" if factored < folded else "folded"
+            forms[path] = "factored" if factored < folded else "folded"
         else:
             cheaper = node.flops(1, "apply") < node.flops(1, "materialize")
-            forms[layer.name] = "factored" if cheaper else "folded"
+            forms[path] = "factored" if cheaper else "folded"
     return forms
 
 
 def inference_model(model, forms: dict[str, str]):
     """A copy of ``model`` with folded layers as plain Keras layers holding W,
-    and factored layers forced to apply mode."""
+    and factored layers forced to apply mode (``layers.fold``)."""
+    from .layers.fold import fold
+
     import keras
 
-    from .layers import tying
-    from .layers.base import _Decomposed
+    from .layers import surgery
 
-    def clone(layer):
+    prepared = fold(model, forms)
+    for layer, parents, _ in surgery.walk(prepared):
         if training_only(layer):  # identity at inference: left out, so no random op reaches the file
-            return keras.layers.Identity(name=layer.name)
-        config = layer.get_config()
-        if layer.name in forms and forms[layer.name] == "folded":
-            return _plain_class(layer).from_config(_plain_config(layer, config))
-        if layer.name in forms:
-            config["mode"] = "apply"
-        return layer.__class__.from_config(config)
-
-    with tying():
-        copy = keras.models.clone_model(model, clone_function=clone)
-    for old, new in zip(model.layers, copy.layers):
-        if isinstance(old, _Decomposed) and forms.get(old.name) == "folded":
-            new.kernel.assign(folded_kernel(old).reshape(new.kernel.shape))
-            if old.bias is not None:
-                new.bias.assign(keras.ops.convert_to_numpy(old.bias))
-        elif not training_only(old):
-            new.set_weights(old.get_weights())
-    return copy
+            identity = keras.layers.Identity(name=layer.name)
+            surgery.build_like(identity, layer)
+            surgery.replace(parents, layer, identity)
+    return prepared
 
 
 def training_only(layer) -> bool:
@@ -178,35 +179,6 @@ def training_only(layer) -> bool:
 
     name = type(layer).__name__
     return name.startswith("Random") and getattr(keras.layers, name, None) is type(layer)
-
-
-def folded_kernel(layer) -> np.ndarray:
-    """The layer's W, multiplied out in float64 from the very values its Keras
-    forward pass uses, then rounded once: a folded file differs from Keras by
-    the rounding of one float32 matmul, not of a chain of them."""
-    import keras
-
-    values = {}
-    for key, value in layer._values().items():
-        value = keras.ops.convert_to_numpy(value)
-        values[key] = value if np.issubdtype(value.dtype, np.integer) else value.astype(np.float64)
-    return np.asarray(layer.node.materialize(values, np), dtype=layer.compute_dtype)
-
-
-def _plain_class(layer):
-    import keras
-    return keras.layers.Conv2D if type(layer).__name__ == "Conv2D" else keras.layers.Dense
-
-
-def _plain_config(layer, config: dict) -> dict:
-    """The config keys the plain Keras class takes: ours (W, mode, fixed, ...) go."""
-    import inspect
-
-    import keras
-
-    accepted = set(inspect.signature(_plain_class(layer).__init__).parameters)
-    accepted |= set(inspect.signature(keras.layers.Layer.__init__).parameters)
-    return {k: v for k, v in config.items() if k in accepted and k not in ("self", "kwargs")}
 
 
 def export(model, path, format: str = "tflite", mode: str = "auto", quantize: str | None = None,
@@ -264,14 +236,11 @@ def _stored(forms, model, format: str) -> int:
     """Numbers the file keeps.  A TFLite file: what the converter leaves (see
     ``layer_entries``); a SavedModel keeps a factored layer's variables as they
     are, every fixed array included, and folds nothing."""
-    from .layers.base import _Decomposed
-    total = 0
-    for layer in model.layers:
-        if not isinstance(layer, _Decomposed):
-            total += layer.count_params()
-            continue
-        bias = layer.bias.shape[0] if layer.bias is not None else 0
-        if forms.get(layer.name) != "factored":
+    total = model.count_params()
+    for path, layer in _decomposed(model):
+        total -= layer.count_params()
+        bias = math.prod(layer.bias.shape) if layer.bias is not None else 0
+        if forms.get(path) != "factored":
             total += math.prod(layer.node.shape) + bias
         elif format == "tflite":
             total += layer_entries(layer) + bias

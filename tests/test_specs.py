@@ -163,7 +163,7 @@ BAD = {
     "a name taken from another layer": (_edit("- Flatten: {}", "- Flatten: {name: dense_1}"), "6 layers[1].Dense.name",
                                         r"a second layer named 'dense_1'"),
     "W on a layer without a kernel": (_edit("  - Flatten: {}", "  - Flatten: {W: dense}"), "5 layers[0].Flatten.W",
-                                      r"only Dense and Conv2D layers take 'W'"),
+                                      r"only Dense, EinsumDense, Conv1D and Conv2D layers take 'W'"),
     # expressions
     "expression syntax": (_edit('"DCT2[:k] dense"', '"sum(G, n=8"'), "6 layers[1].Dense.W",
                           r"the expression ends too early\n  sum\(G, n=8\n            \^"),

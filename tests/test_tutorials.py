@@ -109,3 +109,19 @@ def test_04_new_structure():
     from keras_decomp import DecompError, parse
     with pytest.raises(DecompError, match="unknown structure 'toeplitz'"):
         parse("toeplitz(b=2)", 6, 4)
+
+
+def test_05_nested_models(tmp_path):
+    pytest.importorskip("keras_hub")
+    out = run("05_nested_models.py", "--out", str(tmp_path / "lite"))
+    assert "encoder_0/self_attention_layer/query" in out
+    sizes = re.findall(r"(?m)^encoder_\d/\S+ +lowrank\(r=(\d+)\)", out)
+    assert len(sizes) == 24  # 8 feed-forward Dense + 16 attention EinsumDense layers, sizes chosen per layer
+    params = re.search(r"(?m)^model +(\d+) +(\d+)$", out)
+    assert int(params.group(2)) < int(params.group(1))
+    assert number(r"saved and loaded: max \|difference\| (\S+)", out) < 1e-6
+    assert number(r"folded: .*max \|difference\| (\S+)", out) < 1e-4
+    diffs = [float(d) for d in re.findall(r"TFLite \((?:factored|folded)\): .* max \|diff\| (\S+)", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-4, diffs
+    assert number(r"MobileNetV2: (\d+) 1x1 convolutions decomposed", out) >= 30
+    assert number(r"MobileNetV2: .*saved and loaded: max \|difference\| (\S+);", out) < 1e-6

@@ -10,6 +10,7 @@ from ..errors import DecompError
 def compress(args, source, out) -> int:
     """Decompose, optionally calibrate and fine-tune, save, print the table."""
     from ..compression.decompose import accuracy_on, comparison, decompose
+    from ..fitting import progress
     from ..layers import load_model
     from ..training.data import load
 
@@ -29,8 +30,9 @@ def compress(args, source, out) -> int:
     data = load(args.dataset, source=args.data) if args.calibrate or args.epochs else None
     errors, data_errors = {}, {}
     calibration = _calibration_images(data, args.calibrate, args.seed) if args.calibrate else None
-    new = decompose(model, expressions, params=dict(args.param), seed=args.seed, report=errors, data=calibration,
-                    data_report=data_errors)
+    with progress.reporting(enabled=not args.quiet):
+        new = decompose(model, expressions, budget=args.budget, params=dict(args.param), seed=args.seed,
+                        report=errors, data=calibration, data_report=data_errors)
     out.parent.mkdir(parents=True, exist_ok=True)
     new.save(out)  # before evaluating: a missing data set must not lose the new model
     accuracy, why = (None, None), "--data none"

@@ -4,13 +4,14 @@
     keras-decomp train SPEC.yaml [--data full|bundled|auto] [--epochs N] [--seed N] [--out DIR] [--resume]
                        [--distribute mirrored|multi-worker] [--allow-files-outside]
     keras-decomp export MODEL.keras --tflite OUT.tflite [--mode auto] [--quantize dynamic]
-    keras-decomp compress MODEL.keras --layer NAME="EXPR" [--layer ...] --out NEW.keras [--data bundled]
-                          [--calibrate 1000] [--epochs 1 [--distill]]
+    keras-decomp compress MODEL.keras --layer PATTERN="EXPR" [--layer ...] [--budget 0.25] --out NEW.keras
+                          [--data bundled] [--calibrate 1000] [--epochs 1 [--distill]] [--quiet]
     keras-decomp prune MODEL.keras --sparsity 0.9 [--method trifactor] [--fine-tune-epochs N] --out NEW.keras
     keras-decomp sweep SPEC.yaml --param k=10,20,50 [--param ...] [--seeds 0,1,2] [--data full|bundled|auto]
                        [--epochs N] [--limit N] [--reference SPEC|none] [--out DIR]
 
 Errors in what the user wrote print as the DecompError message and exit 2.
+TensorFlow's own log lines are hidden unless ``--verbose`` (``logs.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def _param(text: str) -> tuple[str, float]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keras-decomp", description="Structured weight decompositions for Keras 3.")
+    parser.add_argument("--verbose", dest="log_lines", action="store_true",
+                        help="show TensorFlow's C++ and absl log lines (hidden by default)")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("parse", help="parse an expression and print its per-node table")
     p.add_argument("expression", help='e.g. "W = sum(G, n=8) | dense"')
@@ -73,8 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     c = commands.add_parser("compress", help="decompose layers of a trained .keras model, initialised from "
                                              "their kernels; print a before/after table")
     c.add_argument("model", help="a trained model, e.g. runs/lenet/model.keras")
-    c.add_argument("--layer", action="append", type=_layer, required=True, metavar='NAME="EXPR"',
-                   help='a Dense or Conv2D layer and its expression, e.g. dense_1="lowrank(r=16)" (repeatable)')
+    c.add_argument("--layer", action="append", type=_layer, required=True, metavar='PATTERN="EXPR"',
+                   help='a layer name, path or glob over paths and its expression, e.g. dense_1="lowrank(r=16)" '
+                        'or "*feedforward*"="lowrank" with --budget (repeatable); Dense, EinsumDense, Conv1D and '
+                        'Conv2D layers at any depth')
+    c.add_argument("--budget", type=float, default=None,
+                   help="keep at most this fraction of the matched kernels' parameters, each layer's size "
+                        "chosen from its error curve (expressions without sizes: lowrank, sss(p=16) ...)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--out", required=True, help="where to write the new model (a .keras file)")
     c.add_argument("--data", choices=("auto", "full", "bundled", "tfds", "idx", "none"), default="auto",
                    help="where the test split for the accuracy comes from; none: do not evaluate")
@@ -131,20 +140,29 @@ def _parser() -> argparse.ArgumentParser:
                    help="the dense reference spec (default: the spec's reference:); none: no reference")
     w.add_argument("--out", default=None,
                    help="folder for sweep.csv, sweep.png and the runs (default runs/sweep-<spec name>)")
-    w.add_argument("--verbose", action="store_true", help="Keras's line per epoch")
+    w.add_argument("--verbose", action="store_true", help="Keras's line per epoch, and TensorFlow's log lines")
+    for name, command in commands.choices.items():
+        if name != "sweep":
+            command.add_argument("--verbose", dest="log_lines", action="store_true", default=argparse.SUPPRESS,
+                                 help="show TensorFlow's C++ and absl log lines (hidden by default)")
     return parser
 
 
 def _layer(text: str) -> tuple[str, str]:
     name, sep, expression = text.partition("=")
     name = name.strip()
-    if not sep or not name or not expression.strip() or not name.replace("_", "a").replace("-", "a").isalnum():
+    plain = name.translate(str.maketrans("", "", "_-/*?[]."))
+    if not sep or not name or not expression.strip() or (plain and not plain.isalnum()):
         raise argparse.ArgumentTypeError(f'expected NAME="EXPR" (a layer name and its expression), got {text!r}')
     return name, expression.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not (args.log_lines or getattr(args, "verbose", False)):
+        from .logs import silence_tensorflow
+
+        silence_tensorflow()
     try:
         if args.command == "parse":
             return _parse(args)

@@ -1,5 +1,7 @@
-"""Compress an already-trained Keras model: replace named Dense/Conv2D layers by
-decomposed ones initialised from their trained kernels; copy everything else.
+"""Compress an already-trained Keras model: replace its Dense, EinsumDense, Conv1D
+and Conv2D layers, at any depth (inside keras_hub blocks, MultiHeadAttention,
+Sequential, Functional and subclassed models), by decomposed ones initialised
+from their trained kernels; every other weight is kept.
 
 >>> import keras, numpy as np
 >>> model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(8, name="hidden"), keras.layers.Dense(3)])
@@ -15,87 +17,111 @@ model                 131            195
 test accuracy: not evaluated
 
 ``keras-decomp compress`` prints that table, with the test accuracy before
-and after (before any fine-tuning) when the model fits the data.
+and after (before any fine-tuning) when the model fits the data.  The new
+model saves to ``.keras`` with the plan of what was decomposed, and
+``keras_decomp.load_model`` brings it back (``layers/plan.py``).
 """
 
 from __future__ import annotations
 
-import keras
+import numpy as np
 
 from ..errors import DecompError
+from ..fitting import progress
 from ..fitting.data_norm import DAMPING
-from ..training.staging import initialize_from, kernel_matrix
+from ..layers import plan, surgery
+from ..layers.convert import bias_of, decomposed_from, kernel_matrix, symbols_of
+from ..layers.saving import copy_model
+from ..layers.tying import tying
+from ..training.staging import initialize_from
+from . import budget as budgets
+from .select import targets
 
-_DENSE_KEYS = ("units", "activation", "use_bias", "bias_initializer", "bias_regularizer", "bias_constraint",
-               "name", "dtype", "trainable")
-_CONV_KEYS = ("filters", "kernel_size", "strides", "padding", "data_format", "dilation_rate", "activation",
-              "use_bias", "bias_initializer", "bias_regularizer", "bias_constraint", "name", "dtype", "trainable")
 
+def decompose(model, expressions: dict, budget: float | None = None, params: dict | None = None, seed: int = 0,
+              report: dict | None = None, inplace: bool = False, data=None, calibration: str = "sequential",
+              center: bool = False, damping: float = DAMPING, data_report: dict | None = None):
+    """A model whose layers matched by ``expressions`` ({pattern: expression}) are
+    decomposed and initialised from their trained kernels (``approximate``); all
+    other weights, biases included, are kept.
 
-def decompose(model, expressions: dict, params: dict | None = None, seed: int = 0, report: dict | None = None,
-              data=None, calibration: str = "sequential", center: bool = False, damping: float = DAMPING,
-              data_report: dict | None = None):
-    """A new model whose layers named in ``expressions`` ({name: expr}) are
-    decomposed and initialised from the trained kernels (``approximate``); all
-    other weights, biases included, are copied.  A compiled model's compile
-    settings carry over (with a fresh optimizer), ready for fine-tuning.
-    ``report``, if given, receives the relative error per replaced layer.
+    A pattern is a layer name, a path or a glob over paths (``select.py``).  With
+    ``budget`` (a fraction), the expressions leave their size out (``"lowrank"``,
+    ``"sss(p=16)"``) and each layer's size is chosen so that the matched layers
+    keep at most that fraction of their kernel parameters, where the error falls
+    fastest (``budget.py``).  The model is copied first unless ``inplace``.  A
+    compiled model's compile settings carry over (with a fresh optimizer).
+    ``report``, if given, receives the relative error per replaced layer path.
+    A progress bar per layer shows on a terminal (``fitting.progress``).
 
     ``data`` (calibration inputs: an array, a tf.data.Dataset or an iterable of
     batches) fits each layer in the data norm ||X (W - E)||_F over its inputs X
     (``calibrate.py``), in model order, X taken from the model being built
-    (``calibration="sequential"``) or from the original (``"original"``);
-    ``center`` fits the centred inputs and corrects the bias by the mean error
-    (``calibrate.fit_to_inputs``); ``damping`` regularises X^T X (a fraction of
-    its mean diagonal, ``fitting.data_norm``); ``data_report`` receives each
-    layer's relative data-norm error."""
-    from .. import layers as kd
+    (``calibration="sequential"``: the layers before it already decomposed) or
+    from the original (``"original"``); ``center`` fits the centred inputs and
+    corrects the bias by the mean error; ``damping`` regularises X^T X (a
+    fraction of its mean diagonal, ``fitting.data_norm``); ``data_report``
+    receives each layer's relative data-norm error.
+    """
     from .calibrate import MODES, calibration_batches, fit_to_inputs, layer_gram
 
     if calibration not in MODES:
         raise DecompError(f"calibration must be one of {', '.join(MODES)}, got '{calibration}'")
     batches = calibration_batches(data) if data is not None else None
-
-    names = {layer.name for layer in model.layers}
-    for name in expressions:
-        if name not in names:
-            raise DecompError(f"the model has no layer '{name}'", hint=_nearest(name, names))
-    by_name = {layer.name: layer for layer in model.layers}
-    for name in expressions:
-        if type(by_name[name]).__name__ not in ("Dense", "Conv2D"):
-            raise DecompError(f"layer '{name}' is a {type(by_name[name]).__name__}; only Dense and Conv2D "
-                              "layers can be decomposed")
-        if getattr(by_name[name], "groups", 1) != 1:
-            raise DecompError(f"layer '{name}' is a grouped convolution, which cannot be decomposed yet")
-
-    def clone(layer):
-        if layer.name not in expressions:
-            return layer.__class__.from_config(layer.get_config())
-        config = layer.get_config()
-        is_conv = type(layer).__name__ == "Conv2D"
-        keep = {k: config[k] for k in (_CONV_KEYS if is_conv else _DENSE_KEYS) if k in config}
-        cls = kd.Conv2D if is_conv else kd.Dense
-        return cls(W=expressions[layer.name], params=params, seed=seed, **keep)
-
-    with kd.tying():
-        new = keras.models.clone_model(model, clone_function=clone)
+    chosen = targets(model, expressions)  # checked on the original: mistakes cost no copy
+    texts = [t.expression for t in chosen]
+    if budget is not None:
+        sizes = budgets.choose({i: (kernel_matrix(t.layer), t.expression, symbols_of(t.layer))
+                                for i, t in enumerate(chosen)}, budget, seed=seed, params=params)
+        texts = [sizes[i].text for i in range(len(chosen))]
+    new = model if inplace else copy_model(model)
     errors = {}
-    for old, layer in zip(model.layers, new.layers):
-        if old.name in expressions:
-            bias = keras.ops.convert_to_numpy(old.bias) if old.use_bias else None
+    bar = progress.Bar("decompose", total=len(chosen), after=0.0)
+    with tying():
+        for i, (target, text) in enumerate(zip(chosen, texts)):
+            old = surgery.resolve(new, target.chain)  # the copy's layer: same place, maybe another name
+            path = surgery.relative_path(new, old)
+            bar.update(i, layer=path)
+            layer = decomposed_from(old, text, params=params, seed=seed)
+            surgery.build_like(layer, old)
             if batches is None:
-                errors[old.name] = initialize_from(layer, kernel_matrix(old), bias)
-                continue
-            source, seen = (new, layer) if calibration == "sequential" else (model, old)
-            gram = layer_gram(source, seen, batches, name=old.name)
-            errors[old.name] = fit_to_inputs(layer, kernel_matrix(old), bias, gram, center, damping, data_report)
-        else:
-            layer.set_weights(old.get_weights())
+                errors[path] = fit_layer(layer, kernel_matrix(old), layer.node, bias=bias_of(old))
+            else:  # the inputs ``old`` sees in the model as built so far, or in the original
+                source, seen = (new, old) if calibration == "sequential" else \
+                    (model, surgery.resolve(model, target.chain))
+                gram = layer_gram(source, seen, batches, name=path)
+                by_name = {}  # initialize_from keys the data-norm error by layer name; ours by path
+                errors[path] = fit_to_inputs(layer, kernel_matrix(old), _bias_for(layer, bias_of(old)), gram,
+                                             center, damping, by_name)
+                if data_report is not None:
+                    data_report.update({path: error for error in by_name.values()})
+            surgery.replace(surgery.parents_of(new, old), old, layer)
+            plan.record(new, layer, target.chain, type(old).__name__)
+            bar.update(i + 1, layer=path, error=errors[path])
+    bar.close()
+    surgery.forget_traces(new)
     if getattr(model, "compiled", False) and model.get_compile_config():
-        new.compile_from_config(model.get_compile_config())
+        new.compile_from_config(model.get_compile_config())  # a fresh optimizer for the new variables
     if report is not None:
         report.update(errors)
     return new
+
+
+def _bias_for(layer, bias):
+    """The trained bias in the new layer's bias shape (an EinsumDense bias may be 2-D)."""
+    if bias is None or getattr(layer, "bias", None) is None:
+        return bias
+    return np.reshape(bias, tuple(layer.bias.shape))
+
+
+def fit_layer(layer, kernel_matrix: np.ndarray, node, bias=None) -> float:
+    """Set the built decomposed ``layer`` (its IR ``node``) to the best fit of the
+    trained (n, m) ``kernel_matrix``; copy the bias.  Returns the relative error.
+    The one place where a layer's parameters are fitted (``node`` is ``layer.node``),
+    so that a fit in another norm (calibration data) can take its place."""
+    if bias is not None and layer.bias is not None:
+        bias = np.reshape(bias, tuple(layer.bias.shape))
+    return initialize_from(layer, kernel_matrix, bias)
 
 
 def accuracy_on(model, data) -> tuple[float | None, str]:
@@ -117,19 +143,21 @@ def accuracy_on(model, data) -> tuple[float | None, str]:
 
 
 def comparison(model, new, errors: dict, accuracy=(None, None), why: str = "", data_errors=None) -> str:
-    """The before/after table of ``decompose``: per replaced layer its
-    parameters and approximation error (and, with calibration data, the error
-    on its inputs, ||X (W - E)|| / ||X W||), for the whole model its parameters
-    and test accuracy (``why`` says why there is none)."""
-    by_name = {layer.name: layer for layer in new.layers}
-    old_layers = {layer.name: layer for layer in model.layers}
+    """The before/after table of ``decompose``: per replaced layer (by path) its
+    expression with the chosen sizes, parameters and approximation error (and, with
+    calibration data, the error on its inputs, ||X (W - E)|| / ||X W||), for the
+    whole model its parameters and test accuracy (``why`` says why there is none)."""
+    entries = plan.entries_of(new)
     data_errors = data_errors or {}
     extra = ["data-norm error"] if data_errors else []
     rows = [["layer", "expression", "params before", "params after", "approximation error"] + extra]
-    for name, error in errors.items():
-        rows.append([name, by_name[name].W, str(old_layers[name].count_params()),
-                     str(by_name[name].count_params()), f"{error:.3e}"]
-                    + ([f"{data_errors[name]:.3e}" if name in data_errors else ""] if extra else []))
+    for path, error in errors.items():
+        chain = entries[path]["chain"] if path in entries else None
+        after = surgery.resolve(new, chain) if chain is not None else None
+        before = surgery.resolve(model, chain) if chain is not None else None
+        rows.append([path, getattr(after, "W", "?"), str(before.count_params()) if before is not None else "?",
+                     str(after.count_params()) if after is not None else "?", f"{error:.3e}"]
+                    + ([f"{data_errors[path]:.3e}" if path in data_errors else ""] if extra else []))
     rows.append(["model", "", str(model.count_params()), str(new.count_params()), ""] + [""] * len(extra))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -139,9 +167,3 @@ def comparison(model, new, errors: dict, accuracy=(None, None), why: str = "", d
     else:
         lines.append(f"test accuracy before fine-tuning: {before:.4f} -> {after:.4f}")
     return "\n".join(lines)
-
-
-def _nearest(name, names) -> str | None:
-    import difflib
-    match = difflib.get_close_matches(name, sorted(names), n=1)
-    return f"did you mean '{match[0]}'?" if match else "layers: " + ", ".join(sorted(names))

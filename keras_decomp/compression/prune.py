@@ -150,8 +150,7 @@ def shrink(model, ranks=None, layers=None, sweeps: int = 100, report: dict | Non
     product through k-wide bottlenecks, with fewer parameters when the ranks
     are small.  ``report`` receives per layer its expression and relative error.
     """
-    from .. import layers as kd
-    from .decompose import _DENSE_KEYS
+    from ..layers.convert import decomposed_from
 
     names = _targets(model, layers)
     groups = chains(model, names)
@@ -168,8 +167,7 @@ def shrink(model, ranks=None, layers=None, sweeps: int = 100, report: dict | Non
             values.update({g[j]: fit.G[j], s: fit.S[j], g[j + 1]: fit.G[j + 1]})
 
     def decomposed(layer):
-        config = layer.get_config()
-        return kd.Dense(W=plan[layer.name][0], **{k: config[k] for k in _DENSE_KEYS if k in config})
+        return decomposed_from(layer, plan[layer.name][0])
 
     new = _rebuild(model, lambda layer: layer.name in plan, decomposed)
     for old, layer in zip(model.layers, new.layers):

@@ -34,7 +34,7 @@ from ..language.parse import parse
 from ..operators.fixed import FixedLeaf
 from ..operators.structures.basic import Dense, Diag, LowRank, SumOf
 from ..operators.structures.kron import Kron
-from . import methods
+from . import methods, progress
 from . import monarch, sketch, sparse, sss, tri  # noqa: F401 - each registers its structure's own fit
 from .methods import register  # noqa: F401 - the plug-in entry point, also here
 from .data_norm import DAMPING, check_gram, data_error, refine, whitened, whitened_svd, whitening
@@ -389,7 +389,8 @@ def _als(W, node, values, fixed, keys, sweeps: int = 100, tol: float = 1e-10) ->
     raises it anyway is undone and ends the iteration, so the history never
     increases."""
     history = [rel_error(W, node, values, fixed)]
-    for _ in range(sweeps):
+    bar = progress.Bar(f"ALS {W.shape[0]}x{W.shape[1]}", total=sweeps)
+    for sweep in range(sweeps):
         trial = values
         for key in keys:
             trial = {**trial, **solve_block(W, node, trial, fixed, key)}
@@ -398,6 +399,8 @@ def _als(W, node, values, fixed, keys, sweeps: int = 100, tol: float = 1e-10) ->
             break
         values = trial
         history.append(error)
+        bar.update(sweep + 1, error=error)
         if history[-2] - history[-1] <= tol * max(history[-2], 1e-300):
             break
+    bar.close()
     return Approximation(values, history[-1], "alternating least squares", history)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import progress
 from .autodiff import value_and_pullback, xp
 
 
@@ -31,6 +32,7 @@ def gradient_fit(W, node, values, fixed, steps: int = 2000, lr: float = 1e-2, to
     s = {k: np.zeros_like(v) for k, v in theta.items()}
     history = [_error(W, node, theta, fixed)]
     best = (history[0], dict(theta))
+    bar = progress.Bar(f"gradient fit {W.shape[0]}x{W.shape[1]}", total=steps)
     for t in range(1, steps + 1):
         _, g = loss_and_gradient(W, node, theta, fixed)
         for k in keys:
@@ -41,8 +43,10 @@ def gradient_fit(W, node, values, fixed, steps: int = 2000, lr: float = 1e-2, to
             history.append(_error(W, node, theta, fixed))
             if history[-1] < best[0]:
                 best = (history[-1], dict(theta))
+            bar.update(t, error=best[0])
             if abs(history[-2] - history[-1]) <= tol:
                 break
+    bar.close()
     history.append(best[0])
     return {**values, **best[1]}, history
 

@@ -39,6 +39,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import progress
+
 # ---- projections ----------------------------------------------------------------------------
 
 
@@ -248,12 +250,15 @@ def palm4msa(W, constraints: Sequence[Constraint], factors: Sequence[np.ndarray]
     norm_w = float(np.linalg.norm(W)) or 1.0
     history = []
     sweep = _sweep_left if order == "left" else _sweep_right
-    for _ in range(n_iter):
+    bar = progress.Bar(f"palm4MSA {W.shape[0]}x{W.shape[1]}, {J} factors", total=n_iter)
+    for i in range(n_iter):
         product = sweep(W, constraints, factors, lam, norms)
         lam = _best_scale(W, product, lam)
         history.append(float(np.linalg.norm(W - lam * product)) / norm_w)
+        bar.update(i + 1, error=history[-1])
         if history[-1] <= tol or (len(history) > 1 and abs(history[-2] - history[-1]) <= rtol * history[-2]):
             break
+    bar.close()
     return Factorization(factors, lam, history)
 
 

@@ -24,6 +24,7 @@ from ..language.parse import parse, parse_syntax
 from .tying import current_scope
 
 MODES = ("auto", "apply", "materialize")
+_WARNED = {"untied": False}  # the advice on tying() is given once per process
 _PACKAGE = "keras_decomp"  # part of the saved file format: never change it
 
 
@@ -116,6 +117,13 @@ class _Decomposed(keras.layers.Layer):
             warnings.warn(f"layer '{self.name}' was saved with parameters tied to other layers, but is "
                           "built outside keras_decomp.layers.tying(): they are not shared now; load "
                           "models with keras_decomp.load_model to keep them tied", stacklevel=3)
+        named = [k for k in self.node.param_shapes() if "." not in k]
+        if named and scope is None and not self.tied and not _WARNED["untied"]:
+            _WARNED["untied"] = True
+            warnings.warn(f"layer '{self.name}' names the parameter(s) {', '.join(named)}, built outside "
+                          "keras_decomp.layers.tying(): each layer gets its own variable. To share a name "
+                          "between layers, build (or call) them inside `with keras_decomp.layers.tying():` "
+                          "(specs, decompose and load_model do it for you)", stacklevel=3)
         rng = np.random.default_rng(self.seed)
         initial = self.node.init(rng)
         self.decomposition_variables = {}

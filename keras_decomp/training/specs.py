@@ -37,7 +37,7 @@ TRAIN_KEYS = ("batch_size", "optimizer", "learning_rate", "epochs", "loss", "fro
 STAGE_KEYS = ("epochs", "learning_rate", "batch_size", "optimizer", "label_smoothing", "callbacks", "use_ema")
 DATA_KEYS = ("name", "source", "limit", "validation")
 EXPORT_KEYS = ("tflite", "saved_model")
-DECOMPOSED = ("Dense", "Conv2D")
+DECOMPOSED = ("Dense", "EinsumDense", "Conv1D", "Conv2D")
 DECLARABLE = ("G", "S", "R", "D", "P", "F")  # the bases a fixed: declaration may name (lower.declared_leaf)
 
 _COUNT = ("a positive integer", (int,), True)
@@ -328,7 +328,7 @@ def _check_layers(spec, data) -> tuple[LayerSpec, ...]:
                              _nearest(class_name, [n for n in dir(keras.layers) if n[:1].isupper()]))
         if ("W" in config or "params" in config) and class_name not in DECOMPOSED:
             key = "W" if "W" in config else "params"
-            raise spec.error(f"{path}.{key}", f"only {' and '.join(DECOMPOSED)} layers take '{key}'")
+            raise spec.error(f"{path}.{key}", f"only {', '.join(DECOMPOSED[:-1])} and {DECOMPOSED[-1]} layers take '{key}'")
         _check_arguments(spec, path, class_name, config)
         if "W" in config:
             _check_expression(spec, f"{path}.W", config["W"])
