@@ -80,8 +80,9 @@ class Conv2D(_Decomposed):
         positions = _positions(self.compute_output_shape(inputs.shape), self.data_format)
         mode = self.mode
         factors = getattr(node, "factors", None)
-        if mode == "auto":  # the faster path by the cost model (operators/cost.py)
-            mode = node.choose(positions)
+        if mode == "auto":
+            cheaper = node.flops(positions, "apply") < node.flops(positions, "materialize")
+            mode = "apply" if cheaper else "materialize"
         if mode == "apply" and factors:
             first = factors[0]
             y = self._conv(x, first.materialize(v, xp), first.shape[1])
