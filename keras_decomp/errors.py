@@ -28,10 +28,14 @@ class DecompError(ValueError):
 
     def _render(self) -> str:
         lines = [self.fact]
-        if self.text is not None:
+        if self.text is not None and self.pos is not None:
+            # the line that holds the culprit, with the caret under its column
+            start = self.text.rfind("\n", 0, self.pos) + 1
+            end = self.text.find("\n", self.pos)
+            lines.append("  " + self.text[start:end if end >= 0 else len(self.text)])
+            lines.append("  " + " " * (self.pos - start) + "^")
+        elif self.text is not None:
             lines.append("  " + self.text)
-            if self.pos is not None:
-                lines.append("  " + " " * self.pos + "^")
         if self.hint:
             lines.append(self.hint)
         return "\n".join(lines)

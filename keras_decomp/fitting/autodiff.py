@@ -32,7 +32,7 @@ import string
 import numpy as np
 
 SUPPORTED = ("arange", "concatenate", "einsum", "eye", "flip", "matmul", "ones", "pad", "reshape", "scatter",
-             "stack", "sum", "take", "tensordot", "transpose")
+             "stack", "sum", "take", "tensordot", "tile", "transpose")
 
 
 class Traced:
@@ -265,6 +265,19 @@ class Namespace:
             np.add.at(out, (slice(None),) * axis + (np.asarray(indices),), g)  # repeated indices add up
             return (out,)
         return _op([a], np.take(av, indices, axis=axis), pullback)
+
+    @staticmethod
+    def tile(a, reps):
+        """numpy.tile; the gradient sums the copies (the reps as leading pairs of axes)."""
+        av = value_of(a)
+        reps = (int(reps),) if np.ndim(reps) == 0 else tuple(int(r) for r in reps)
+        shape = (1,) * (len(reps) - av.ndim) + av.shape
+        reps = (1,) * (len(shape) - len(reps)) + reps
+
+        def pullback(g):
+            pairs = np.reshape(g, tuple(x for r, n in zip(reps, shape) for x in (r, n)))
+            return (np.reshape(np.sum(pairs, axis=tuple(range(0, 2 * len(shape), 2))), av.shape),)
+        return _op([a], np.tile(av, reps), pullback)
 
     @staticmethod
     def sum(a, axis=None, keepdims=False):

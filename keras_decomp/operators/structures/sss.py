@@ -131,7 +131,8 @@ class SSS(Node):
         entry of the dense W has that variance."""
         rows, cols = self.shape
         limit = math.sqrt(6.0 / (rows + cols))
-        std = (2.0 / ((rows + cols) * self.d)) ** 0.25
+        # only read where p > 1 (a state exists); d may be huge where it is not (sss(p=1, d=1e308))
+        std = (2.0 / ((rows + cols) * self.d)) ** 0.25 if self.p > 1 else 0.0
         out = {}
         for k in range(self.p):
             for letter, shape in sorted(self.stage_shapes(k).items()):
