@@ -39,7 +39,7 @@ def number(pattern: str, output: str) -> float:
     return float(match.group(1))
 
 
-def tested_scripts() -> list[str]:
+def _tested_scripts() -> list[str]:
     """The scripts this module runs: one test_NN_name function per tutorials/NN_name.py, whose
     body runs that script."""
     found = []
@@ -56,7 +56,7 @@ def test_every_tutorial_is_listed_and_tested():
     readme = (TUTORIALS / "README.md").read_text()
     linked = sorted(set(re.findall(r"\]\((\w+\.py)\)", readme)))
     assert on_disk == linked, "tutorials/README.md must link every script in tutorials/, and only those"
-    assert on_disk == tested_scripts(), "every script in tutorials/ needs its test_NN_name here"
+    assert on_disk == _tested_scripts(), "every script in tutorials/ needs its test_NN_name here"
     assert len(on_disk) >= 4
 
 

@@ -19,7 +19,7 @@ from keras import ops
 
 from ..errors import DecompError
 from ..operators.fixed import FixedLeaf
-from ..operators.ir import Slice
+from ..operators.ir import Product, Slice
 from ..language.parse import parse, parse_syntax
 from .tying import current_scope
 
@@ -188,6 +188,20 @@ class _Decomposed(keras.layers.Layer):
     def materialize(self):
         """The dense kernel matrix W, shape (n, m), as a tensor."""
         return self.node.materialize(self._values(), _Ops(self.compute_dtype))
+
+    def _factored(self, positions: int):
+        """(first factor, the rest as one node) where a convolution applies its kernel factor
+        by factor (``mode``, or the cost model at ``positions`` rows), else None: the kernel
+        is materialised and convolved once."""
+        node, mode = self.node, self.mode
+        factors = getattr(node, "factors", None)
+        if mode == "auto":
+            mode = "apply" if node.flops(positions, "apply") < node.flops(positions, "materialize") else "materialize"
+        if mode != "apply" or not factors:
+            return None
+        first = factors[0]
+        rest = factors[1] if len(factors) == 2 else Product((first.shape[1], node.shape[1]), factors=factors[1:])
+        return first, rest
 
     def _matrix_apply(self, x2d, batch: int):
         """x2d @ W for a 2-D input, by the forced or the cheaper mode."""

@@ -78,16 +78,10 @@ class Conv2D(_Decomposed):
         v, xp = self._values(), _Ops(self.compute_dtype)
         node = self.node
         positions = _positions(self.compute_output_shape(inputs.shape), self.data_format)
-        mode = self.mode
-        factors = getattr(node, "factors", None)
-        if mode == "auto":
-            cheaper = node.flops(positions, "apply") < node.flops(positions, "materialize")
-            mode = "apply" if cheaper else "materialize"
-        if mode == "apply" and factors:
-            first = factors[0]
+        factored = self._factored(positions)
+        if factored:
+            first, rest = factored
             y = self._conv(x, first.materialize(v, xp), first.shape[1])
-            from ..operators.ir import Product
-            rest = factors[1] if len(factors) == 2 else Product((first.shape[1], node.shape[1]), factors=factors[1:])
             y = self._channel_apply(y, rest, v, positions)
         else:
             y = self._conv(x, node.materialize(v, xp), self.filters)

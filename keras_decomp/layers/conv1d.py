@@ -16,7 +16,6 @@ import keras
 from keras import ops
 
 from ..errors import DecompError
-from ..operators.ir import Product
 from .base import _PACKAGE, _Decomposed, _Ops, _known
 
 
@@ -70,15 +69,10 @@ class Conv1D(_Decomposed):
         node = self.node
         out_shape = self.compute_output_shape(inputs.shape)
         positions = _known(out_shape[0]) * (out_shape[1 if self.data_format == "channels_last" else 2] or 1)
-        mode = self.mode
-        factors = getattr(node, "factors", None)
-        if mode == "auto":
-            cheaper = node.flops(positions, "apply") < node.flops(positions, "materialize")
-            mode = "apply" if cheaper else "materialize"
-        if mode == "apply" and factors:
-            first = factors[0]
+        factored = self._factored(positions)
+        if factored:
+            first, rest = factored
             y = self._conv(x, first.materialize(v, xp), first.shape[1])
-            rest = factors[1] if len(factors) == 2 else Product((first.shape[1], node.shape[1]), factors=factors[1:])
             if self.data_format == "channels_first":
                 y = ops.transpose(y, (0, 2, 1))
             shape = ops.shape(y)
