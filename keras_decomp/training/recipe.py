@@ -73,9 +73,7 @@ def loss(model, settings: dict):
     """The loss: sparse categorical cross-entropy (from logits unless the model ends in a
     softmax), with ``label_smoothing`` where the spec asks for it."""
     name = settings.get("loss", "sparse_categorical_crossentropy")
-    smoothing = settings.get("label_smoothing", 0.0)
-    if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not 0 <= smoothing < 1:
-        raise SpecError(f"label_smoothing: must be a number in [0, 1), got {smoothing!r}")
+    smoothing = _smoothing(settings)
     if name != "sparse_categorical_crossentropy":
         if smoothing:
             raise SpecError(f"label_smoothing: works with the default loss, not with loss: {name}")
@@ -122,12 +120,17 @@ def check(settings: dict, path: str) -> None:
             raise SpecError("callbacks: ReduceLROnPlateau changes the learning rate, which a schedule "
                             "(learning_rate: {...}) already sets; use one or the other")
     callbacks(settings)
-    if "label_smoothing" in settings:
-        smoothing = settings["label_smoothing"]
-        if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not 0 <= smoothing < 1:
-            raise SpecError(f"label_smoothing: must be a number in [0, 1), got {smoothing!r}")
+    _smoothing(settings)
     if "use_ema" in settings and not isinstance(settings["use_ema"], bool):
         raise SpecError(f"use_ema: must be true or false, got {settings['use_ema']!r}")
+
+
+def _smoothing(settings: dict) -> float:
+    """``label_smoothing``, checked: a number in [0, 1) (0 when not given)."""
+    smoothing = settings.get("label_smoothing", 0.0)
+    if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not 0 <= smoothing < 1:
+        raise SpecError(f"label_smoothing: must be a number in [0, 1), got {smoothing!r}")
+    return smoothing
 
 
 @keras.saving.register_keras_serializable(package="keras_decomp")
