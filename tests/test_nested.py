@@ -2,7 +2,6 @@
 Sequential, subclassed models); the result saves, loads in a fresh process, folds
 and exports.  References are the original Keras model's outputs and numpy SVDs."""
 
-import json
 import os
 import subprocess
 import sys
