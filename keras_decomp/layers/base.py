@@ -263,7 +263,12 @@ def _known(batch) -> int:
 
 def conv_factors(node) -> tuple | None:
     """The factors that a convolution applies one after the other, the first as its kernel:
-    a product's, or lowrank's u and v; None for any other node (its W is materialised)."""
+    a product's, or lowrank's u and v; None for any other node (its W is materialised).
+
+    >>> from keras_decomp import parse
+    >>> [f.shape for f in conv_factors(parse("lowrank(r=2)", 9, 4).stages[0])]
+    [(9, 2), (2, 4)]
+    """
     if isinstance(node, LowRank):
         return node.halves()
     return getattr(node, "factors", None)
