@@ -1,7 +1,7 @@
 """A small vision transformer from keras_hub layers on Fashion-MNIST, compressed by
 ``decompose`` inside its blocks: the feed-forward Dense and the attention EinsumDense
 layers of its four TransformerEncoders, to about 50% and 25% of their parameters with
-lowrank, sss(p=4), sketch and monarch (each layer at ``params=f``) and with ``budget=f`` (lowrank sizes
+lowrank, sss(p=4; --sss-p), sketch and monarch (each layer at ``params=f``) and with ``budget=f`` (lowrank sizes
 chosen per layer from the spectra), each fine-tuned one epoch.
 
 ViT: 7x7 patches (a strided Conv2D, 16 tokens of width 64; --patch 4 gives 49) + learned
@@ -59,8 +59,8 @@ def compile_(model, learning_rate):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 
 
-def matched_kernels(model):
-    """Parameters of the matched kernels (without biases), dense or decomposed."""
+def matched_kernels(model, patterns=PATTERNS):
+    """Parameters of the kernels matched by ``patterns`` (without biases), dense or decomposed."""
     from keras_decomp.layers.base import _Decomposed
     from keras_decomp.layers.surgery import matches, walk
 
@@ -68,7 +68,7 @@ def matched_kernels(model):
     for layer, _, _ in walk(model):
         if isinstance(layer, _Decomposed):
             total += layer.node.num_params
-        elif any(matches(model, layer, p) for p in PATTERNS) and hasattr(layer, "kernel"):
+        elif any(matches(model, layer, p) for p in patterns) and hasattr(layer, "kernel"):
             total += int(np.prod(layer.kernel.shape))
     return total
 
@@ -93,6 +93,7 @@ def main(argv=None):
     parser.add_argument("--rows", default=None,
                         help="method:fraction pairs instead of every method at every fraction, e.g. "
                              "lowrank:0.5,sss:0.5,budget:0.25")
+    parser.add_argument("--sss-p", type=int, default=4, help="the SSS block count p of the sss rows")
     parser.add_argument("--patch", type=int, default=7, choices=(4, 7), help="patch size: 16 or 49 tokens")
     args = parser.parse_args(argv)
     if args.quick:
@@ -112,7 +113,7 @@ def main(argv=None):
     if args.rows:
         pairs = [(row.split(":")[0], float(row.split(":")[1])) for row in args.rows.split(",")]
     for method, fraction in pairs:
-        expression = {"lowrank": f"lowrank(params={fraction})", "sss": f"sss(p=4, params={fraction})",
+        expression = {"lowrank": f"lowrank(params={fraction})", "sss": f"sss(p={args.sss_p}, params={fraction})",
                       "sketch": f"sketch(params={fraction})", "monarch": f"monarch(params={fraction})",
                       "budget": "lowrank"}[method]
         small = keras_decomp.decompose(dense, {p: expression for p in PATTERNS},

@@ -37,6 +37,7 @@ _LAZY = {
     "fine_tune": "compression.distill",
     "prune": "compression.prune",
     "strip": "compression.prune",
+    "recalibrate_batchnorm": "compression.batchnorm",
 }
 
 __all__ = ["DecompError", "approximate", "export", "parse", *_LAZY]

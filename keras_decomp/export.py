@@ -83,14 +83,16 @@ def layer_entries(layer) -> int:
 
     A Dense or EinsumDense layer applies W to as many rows as one input (batch 1)
     has positions outside the contracted axes.  A convolution in apply mode
-    convolves with the first factor of a product (materialised as the conv
+    convolves with the first factor of a product or lowrank (materialised as the conv
     kernel) and applies the rest to the channels of every output position; any
     other kernel is materialised."""
+    from .layers.base import conv_factors
+
     node = layer.node
     shape = _input_shape(layer)
     if type(layer).__name__ not in ("Conv1D", "Conv2D"):
         return stored_entries(node, True, _rows(layer, shape))
-    factors = getattr(node, "factors", None)
+    factors = conv_factors(node)
     if not factors:
         return math.prod(node.shape)
     first = factors[0]

@@ -193,6 +193,27 @@ def test_conv2d_export(mode, images, folder):
     assert choose_forms(model, "auto") == {"conv": "factored"}  # 9*4 + 4*8 = 68 numbers < 9*8 = 72
 
 
+@pytest.mark.parametrize("size", [1, 3])
+def test_lowrank_conv2d_is_exported_factored(size, folder):
+    # a k x k convolution with u (k*k*16, 3) as its kernel, then v (3, 24) on the channels
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 16)), Conv2D(24, size, W="lowrank(r=3)", name="conv")])
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 16)).astype("float32")
+    conv = model.get_layer("conv")
+    (u,), (v,) = ([np.asarray(w, np.float64) for k, w in conv.decomposition_variables.items() if k.endswith(end)]
+                  for end in (".u", ".v"))
+    patches = np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=(1, 2))  # valid padding, stride 1
+    patches = np.moveaxis(patches, 3, -1).reshape(2, 9 - size, 9 - size, -1)  # (kh, kw, cin) order
+    np.testing.assert_allclose(np.asarray(model(x)), patches @ u @ v + np.asarray(conv.bias), atol=1e-5)
+    report = export(model, folder / f"lowrank_conv{size}.tflite", mode="factored", sample=x[:1])
+    assert report["parameters_stored"] == 3 * (size * size * 16 + 24) + 24, report
+    assert report["max_abs_diff"] <= 1e-5, report
+    folded = export(model, folder / f"lowrank_conv{size}_folded.tflite", mode="folded", check=False)
+    assert folded["parameters_stored"] == size * size * 16 * 24 + 24
+    assert report["bytes"] < folded["bytes"] - 4 * (folded["parameters_stored"] - report["parameters_stored"]) // 2
+    assert choose_forms(model, "auto") == {"conv": "factored"}
+
+
 # ---- SavedModel ----------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 Sequential, subclassed models); the result saves, loads in a fresh process, folds
 and exports.  References are the original Keras model's outputs and numpy SVDs."""
 
-import json
 import os
 import subprocess
 import sys
@@ -135,6 +134,43 @@ def test_compressed_nested_model_loads_in_a_fresh_process(encoder, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-6)
+
+
+JAX_RUN = """
+import sys
+import numpy as np, keras, keras_decomp
+sys.path.insert(0, {tests!r})
+from test_nested import encoder_model, inputs, kinds
+
+model, x = encoder_model(dim=8, heads=2, seq=4), inputs(seq=4, dim=8, batch=3)
+# query/key/value (8, 2, 4) and output (2, 4, 8) kernels, feed-forward (8, 16) and (16, 8): all rank 8
+full = keras_decomp.decompose(model, {{"*self_attention_layer/*": "lowrank(r=8)", "*feedforward*": "lowrank(r=8)",
+                                       "head": "lowrank(r=3)"}})
+small = keras_decomp.decompose(model, {{"*self_attention_layer/*": "lowrank(r=2)", "*feedforward*": "lowrank(r=2)",
+                                        "head": "lowrank(r=1)"}})
+small.save({path!r})
+back = keras_decomp.load_model({path!r})
+np.savez({out!r}, backend=keras.backend.backend(), kinds=kinds(full) + ["|"] + kinds(back), x=x,
+         reference=np.asarray(model(x)), full=np.asarray(full(x)), small=np.asarray(small(x)),
+         back=np.asarray(back(x)))
+"""
+
+
+def test_nested_decomposition_on_the_jax_backend(tmp_path):
+    """Full rank reproduces, a compressed model saves and loads back, under KERAS_BACKEND=jax
+    (a subprocess: Keras fixes its backend at import)."""
+    script = JAX_RUN.format(tests=str(ROOT / "tests"), path=str(tmp_path / "small.keras"),
+                            out=str(tmp_path / "jax.npz"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "jax"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(tmp_path / "jax.npz")
+    assert str(got["backend"]) == "jax"
+    decomposed = ["Dense"] * 5 + ["EinsumDense"] * 8  # two encoders' MHA and feed-forward, and the head
+    assert list(got["kinds"]) == decomposed + ["|"] + decomposed
+    np.testing.assert_allclose(got["full"], got["reference"], atol=1e-5)
+    assert np.abs(got["small"] - got["reference"]).max() > 1e-3  # really compressed
+    np.testing.assert_allclose(got["back"], got["small"], atol=1e-6)
 
 
 def test_plan_survives_a_second_save(encoder, tmp_path):

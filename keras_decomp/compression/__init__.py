@@ -1,2 +1,3 @@
 """Trained models made smaller: decomposing their layers (fitted to the kernels or, with
-calibration data, to the layers' inputs), pruning them, fine-tuning them by distillation."""
+calibration data, to the layers' inputs), re-estimating their BatchNormalization statistics,
+pruning them, fine-tuning them by distillation."""

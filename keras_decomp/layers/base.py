@@ -20,6 +20,7 @@ from keras import ops
 from ..errors import DecompError
 from ..operators.fixed import FixedLeaf
 from ..operators.ir import Product, Slice
+from ..operators.structures.basic import LowRank
 from ..language.parse import parse, parse_syntax
 from .tying import current_scope
 
@@ -194,7 +195,7 @@ class _Decomposed(keras.layers.Layer):
         by factor (``mode``, or the cost model at ``positions`` rows), else None: the kernel
         is materialised and convolved once."""
         node, mode = self.node, self.mode
-        factors = getattr(node, "factors", None)
+        factors = conv_factors(node)
         if mode == "auto":
             mode = "apply" if node.flops(positions, "apply") < node.flops(positions, "materialize") else "materialize"
         if mode != "apply" or not factors:
@@ -258,3 +259,16 @@ def _in_layer(err: DecompError, layer) -> DecompError:
 def _known(batch) -> int:
     """A batch size for the cost model: the static one, or a typical 128."""
     return batch if isinstance(batch, int) else 128
+
+
+def conv_factors(node) -> tuple | None:
+    """The factors that a convolution applies one after the other, the first as its kernel:
+    a product's, or lowrank's u and v; None for any other node (its W is materialised).
+
+    >>> from keras_decomp import parse
+    >>> [f.shape for f in conv_factors(parse("lowrank(r=2)", 9, 4).stages[0])]
+    [(9, 2), (2, 4)]
+    """
+    if isinstance(node, LowRank):
+        return node.halves()
+    return getattr(node, "factors", None)

@@ -82,6 +82,12 @@ class LowRank(Node):
         return {self.key + ".u": rng.normal(0, std, (rows, self.rank)),
                 self.key + ".v": rng.normal(0, std, (self.rank, cols))}
 
+    def halves(self) -> tuple[Dense, Dense]:
+        """u and v as two dense nodes over the same values: the factors that a convolution
+        applies one after the other (the first as its kernel, the second on the channels)."""
+        rows, cols = self.shape
+        return Dense((rows, self.rank), key=self.key + ".u"), Dense((self.rank, cols), key=self.key + ".v")
+
     def materialize(self, v, xp):
         return xp.matmul(v[self.key + ".u"], v[self.key + ".v"])
 
