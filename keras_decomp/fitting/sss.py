@@ -29,19 +29,18 @@ def hankel_approximation(W, node: SSS, rng=None) -> dict:
     W = np.asarray(W, dtype=np.float64)
     p, ins, outs = node.p, node.in_sizes, node.out_sizes
     ri, ro = _offsets(ins), _offsets(outs)
-    values = {node.name("D", k): W[ri[k]:ri[k + 1], ro[k]:ro[k + 1]].copy() for k in range(p)}
-    if p == 1:
-        return values
-    B, A, C = _causal_realization(W, ins, outs, node.d)
-    Gt, Et, Ft = _causal_realization(W.T, outs, ins, node.d)
-    for k in range(p):
-        if k < p - 1:
-            values[node.name("B", k)], values[node.name("G", k)] = B[k], Gt[k].T
-        if k > 0:
-            values[node.name("C", k)], values[node.name("F", k)] = C[k], Ft[k].T
-        if 0 < k < p - 1:
-            values[node.name("A", k)], values[node.name("E", k)] = A[k], Et[k].T
-    return values
+    stages = {("D", k): W[ri[k]:ri[k + 1], ro[k]:ro[k + 1]] for k in range(p)}
+    if p > 1:
+        B, A, C = _causal_realization(W, ins, outs, node.d)
+        Gt, Et, Ft = _causal_realization(W.T, outs, ins, node.d)
+        for k in range(p):
+            if k < p - 1:
+                stages["B", k], stages["G", k] = B[k], Gt[k].T
+            if k > 0:
+                stages["C", k], stages["F", k] = C[k], Ft[k].T
+            if 0 < k < p - 1:
+                stages["A", k], stages["E", k] = A[k], Et[k].T
+    return node.stacked(stages)
 
 
 def _causal_realization(W, ins, outs, d):
