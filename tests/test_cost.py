@@ -59,6 +59,20 @@ def test_with_only_flops_costing_time_the_choice_is_the_flop_rule():
     assert checked >= 4 * 60
 
 
+# N: the power of two at least max(n, m); log2(N) factors
+@pytest.mark.parametrize("n, m, levels", [(16, 16, 4), (12, 8, 4), (8, 32, 5), (1024, 1024, 10)])
+def test_butterfly_prices_the_path_it_runs(n, m, levels):
+    # butterfly runs by flips or two block products, never by its factors' gathers: the FLOPs
+    # its work terms count are the ones its flops() counts, on both paths and at every batch
+    node = parse("butterfly", n, m).stages[0]
+    assert type(node).__name__ == "ButterflyProduct" and len(node.factors) == levels
+    for batch in (1, 7, 128, 4096):
+        for mode in ("apply", "materialize"):
+            assert node.cost(batch, mode).flops == node.flops(batch, mode), (batch, mode)
+    # batch 1 runs by flips: 4 elementwise ops per factor, one factor per bit of N
+    assert node.cost(1, "apply").ops == 4 * levels
+
+
 def test_each_term_alone_decides():
     node = parse("sss(p=4, d=2)", 16, 16).stages[0]
     batch = 4096
