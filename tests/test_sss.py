@@ -17,7 +17,8 @@ from keras import ops
 
 import keras_decomp
 from keras_decomp import DecompError, layers, parse
-from keras_decomp.fitting.approximate import approximate, degree, fit
+from keras_decomp.fitting.approximate import approximate, fit
+from keras_decomp.fitting.degree import degree
 from keras_decomp.operators.structures.sss import SSS, block_sizes
 
 N, M, P, D = 47, 31, 6, 3  # odd block sizes, n != m: inputs (8,8,8,8,8,7), outputs (6,5,5,5,5,5)
