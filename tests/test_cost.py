@@ -73,6 +73,19 @@ def test_butterfly_prices_the_path_it_runs(n, m, levels):
     assert node.cost(1, "apply").ops == 4 * levels
 
 
+def test_choosing_prices_each_node_a_bounded_number_of_times(monkeypatch):
+    # (((dense * a) * a) ...): each level asks its child for its faster path; pricing the
+    # chosen path again made that 2^depth evaluations (a fuzzed expression hung the suite)
+    from keras_decomp.operators import ir
+    depth, calls, priced = 12, [], ir.Node.cost
+    monkeypatch.setattr(ir.Node, "cost", lambda self, *a: calls.append(1) or priced(self, *a))
+    node = parse("(" * depth + "dense" + " * a)" * depth, 8, 8).stages[0]
+    assert sum(isinstance(n, ir.Scale) for n in node.walk()) == depth
+    node.choose(3)
+    # both paths of each of the depth + 1 nodes once, and dense's apply priced as its materialise
+    assert len(calls) == 2 * (depth + 1) + 1
+
+
 def test_each_term_alone_decides():
     node = parse("sss(p=4, d=2)", 16, 16).stages[0]
     batch = 4096

@@ -4,10 +4,8 @@ Every node denotes a linear operator W of shape (rows, cols) acting on row
 vectors, y = x W.  One implementation serves numpy and Keras: ``materialize``
 and ``apply`` take an array namespace ``xp`` (``numpy`` or ``keras.ops``) and a
 mapping ``v`` from keys to arrays holding both the trainable values and the
-fixed arrays.  Costs (``flops``) come from shapes alone.
-
-Combinators live here; fixed bases in ``fixed.py``; trainable structures in
-``structures/``.
+fixed arrays.  Costs (``flops``) come from shapes alone.  Combinators live here;
+fixed bases in ``fixed.py``; trainable structures in ``structures/``.
 """
 
 from __future__ import annotations
@@ -147,11 +145,14 @@ class Node:
 
     def choose(self, batch: int) -> str:
         """"apply" or "materialize", whichever ``cost`` says takes less time (ties: apply)."""
-        fast = self.cost(batch, "apply").seconds() <= self.cost(batch, "materialize").seconds()
-        return "apply" if fast else "materialize"
+        return self._faster(batch)[0]
 
     def best_work(self, batch: int) -> Cost:
-        return self.cost(batch, self.choose(batch))
+        return self._faster(batch)[1]
+
+    def _faster(self, batch: int) -> tuple[str, Cost]:  # each path priced once: O(depth), not 2^depth
+        apply, build = self.cost(batch, "apply"), self.cost(batch, "materialize")
+        return ("apply", apply) if apply.seconds() <= build.seconds() else ("materialize", build)
 
     def stored(self) -> int:  # numbers held below this node, trainable and fixed
         return self.num_params + self.num_fixed
@@ -201,8 +202,7 @@ class Add(Node):
         out = None
         for sign, term in zip(self.signs, self.terms):
             w = term.materialize(v, xp)
-            w = w if sign > 0 else -w
-            out = w if out is None else out + w
+            out = (w if sign > 0 else -w) if out is None else (out + w if sign > 0 else out - w)
         return out
 
     def apply(self, x, v, xp):
@@ -210,8 +210,7 @@ class Add(Node):
         out = None
         for sign, term in zip(self.signs, self.terms):
             y = term.best_apply(x, v, xp, batch)
-            y = y if sign > 0 else -y
-            out = y if out is None else out + y
+            out = (y if sign > 0 else -y) if out is None else (out + y if sign > 0 else out - y)
         return out
 
     def apply_cost(self, batch):
