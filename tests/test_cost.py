@@ -73,6 +73,14 @@ def test_butterfly_prices_the_path_it_runs(n, m, levels):
     assert node.cost(1, "apply").ops == 4 * levels
 
 
+def test_lowrank_apply_reads_its_input_once():
+    # x (128 x 784) u (784 x 4), then (128 x 4) v (4 x 16): 2 * 128 * 784 * 4 + 2 * 128 * 4 * 16 FLOPs;
+    # numbers: u and v (3136 + 64), x read once, the middle written and read, y written
+    node = parse("lowrank(r=4)", 784, 16).stages[0]
+    expected = Cost(2 * 128 * 784 * 4 + 2 * 128 * 4 * 16, 3136 + 64 + 128 * (784 + 2 * 4 + 16), 2)
+    assert node.cost(128, "apply") == expected
+
+
 def test_choosing_prices_each_node_a_bounded_number_of_times(monkeypatch):
     # (((dense * a) * a) ...): each level asks its child for its faster path; pricing the
     # chosen path again made that 2^depth evaluations (a fuzzed expression hung the suite)

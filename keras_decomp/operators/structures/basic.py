@@ -95,6 +95,12 @@ class LowRank(Node):
     def build_cost(self):
         return matmul_cost(self.shape[0], self.rank, self.shape[1])
 
+    def apply_work(self, batch):
+        """x u, then (x u) v: x read once, the (batch, r) middle written and read, y written
+        (the generic count moves x and y once per op, twice here)."""
+        rows, cols = self.shape
+        return Cost(self.apply_cost(batch), self.stored() + batch * (rows + 2 * self.rank + cols), 2)
+
     def label(self):
         return f"lowrank(r={self.rank})"
 
