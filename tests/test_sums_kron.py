@@ -129,6 +129,8 @@ def test_kron_of_two_trainable_factors_in_a_layer():
 @pytest.mark.parametrize("text, n, m, pattern", [
     ("kron(dense, dense, rows=5)", 12, 8, r"kron: the first factor's 5 rows do not divide the operator's 12"),
     ("kron(dense, dense, cols=3)", 12, 8, r"kron: the first factor's 3 cols do not divide the operator's 8"),
+    # the first factor's 2 columns (I[:2]) before the square I could divide by them (found by test_property)
+    ("kron(I[:2], I)", 1, 1, r"kron: the first factor's 2 cols do not divide the operator's 1"),
     ("kron(DCT2(h=2, w=2), dense, rows=2)", 8, 8, r"rows disagree: 2 from rows=2, 4 from the first factor's shape"),
     ("kron(dense, dense, depth=2)", 12, 8, r"kron has no argument 'depth'"),
     ("kron(dense, dense, rows=0)", 12, 8, r"kron's rows must be an integer >= 1"),

@@ -81,6 +81,7 @@ def _kron_shapes(low, call, args, rows, cols):
     kw = {k.name: k.pos for k in call.kwargs}
     ra = _kron_side(call, rows, "rows", ha.rows, hb.rows, args["rows"], kw.get("rows"))
     ca = _kron_side(call, cols, "cols", ha.cols, hb.cols, args["cols"], kw.get("cols"))
+    _divides(call, kw, rows, cols, ra, ca)  # before a square factor divides by them
     for square, first in ((ha.square, True), (hb.square, False)):
         if not square:
             continue
@@ -94,11 +95,15 @@ def _kron_shapes(low, call, args, rows, cols):
             ca = ra if first else cols // (rows // ra)
     ra = _near_square(rows) if ra is None else ra
     ca = _near_square(cols) if ca is None else ca
+    _divides(call, kw, rows, cols, ra, ca)
+    return (ra, ca), (rows // ra, cols // ca)
+
+
+def _divides(call, kw, rows, cols, ra, ca):
     for size, total, what in ((ra, rows, "rows"), (ca, cols, "cols")):
-        if size < 1 or total % size:
+        if size is not None and (size < 1 or total % size):
             raise ShapeError(f"kron: the first factor's {size} {what} do not divide the operator's {total}",
                              pos=kw.get(what, call.pos), hint=f"use a divisor of {total} for {what}=")
-    return (ra, ca), (rows // ra, cols // ca)
 
 
 def _kron_side(call, total, what, a, b, given, pos):
