@@ -103,7 +103,7 @@ def chosen_mode(layer, batch: int) -> str:
         return "-"
     if layer.mode != "auto":
         return layer.mode
-    return "apply" if node.flops(batch, "apply") < node.flops(batch, "materialize") else "materialize"
+    return node.choose(batch)  # the cost model's pick (operators/cost.py), as the layer makes it
 
 
 # ---- compiled loops, one pair per backend ----------------------------------------------

@@ -147,7 +147,7 @@ def main(argv=None):
             t = np.asarray(times[name])
             mode = getattr(layer, "mode", "-")
             if mode == "auto":
-                mode = "apply" if node.flops(batch, "apply") < node.flops(batch, "materialize") else "materialize"
+                mode = node.choose(batch)
             ratio = float(np.median(dense / t))
             verdict = ""
             if name == "SSS" and batch == 1:

@@ -29,7 +29,8 @@ import numpy as np
 from .training import atomic
 from .errors import DecompError
 from .operators.fixed import FixedLeaf
-from .operators.ir import Add, Kron, Node, Product, Scale, Slice, Tile, Transpose
+from .operators.ir import Add, Node, Product, Scale, Slice, Tile, Transpose
+from .operators.structures.kron import Kron
 from .operators.structures.basic import SumOf
 
 MODES = ("folded", "factored", "auto")
@@ -55,7 +56,7 @@ def stored_entries(node: Node, forced: bool = True, batch: int = 1) -> int:
     def below(child):
         return stored_entries(child, False, batch)
 
-    if not forced and node.flops(batch, "materialize") <= node.flops(batch, "apply"):
+    if not forced and node.choose(batch) == "materialize":
         return math.prod(node.shape)
     if isinstance(node, Transpose):  # no apply of its own: x @ transpose(materialize(child))
         return math.prod(node.shape)

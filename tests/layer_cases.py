@@ -77,6 +77,8 @@ CASES = [
     Case("sum_tile_D", "sum(tile(D, n=2), n=3)", m=24),
     Case("kron", "kron(DCT2(h=2, w=2), dense)"),
     Case("kron_right", "kron(dense, DCT2(h=2, w=2))"),
+    Case("kron_split", "kron(dense, dense)"),  # near-square: (3, 2) and (4, 4)
+    Case("kron_sized", "kron(dense, lowrank(r=1), rows=2, cols=4)"),  # (2, 4) and (6, 2)
     # fixed bases
     Case("dct2", "DCT2 dense", n=16),
     Case("dct2_hw", "DCT2(h=3, w=4)[:6] dense"),
@@ -98,6 +100,9 @@ CASES = [
     Case("sss_one_stage", "sss(p=1, d=1)"),
     Case("sss_budget", "sss(p=3, params=0.7)"),
     Case("sss_plus_lowrank", "sss(p=3, d=1) + lowrank(r=1)"),
+    # stacks broken where blocks shrink (inputs (4, 4, 3, 3), outputs (3, 3, 2, 2)), two transitions
+    # per stack: the batched apply pads the smaller blocks
+    Case("sss_uneven", "sss(p=4, d=2)", n=14, m=10, kernel=(1, 2)),
     # sparse factors: random seeded supports (gather apply), s capped at a factor's inputs,
     # a budget; butterfly on powers of two and padded (12 -> 16 inputs, 8 of 16 outputs)
     Case("sparse", "sparse(q=3, s=2)"),
@@ -127,7 +132,7 @@ CASES = [
 # The checks that compile, fit, save and reload a model are the slow ones: run them on a
 # handful of rows that between them hold every kind of variable and fixed array.
 EXPENSIVE = ["dense", "lowrank", "named_tri", "scalars_paper", "sum_R", "sum_P_slice",
-             "sum_of_product", "sum_tile_D", "kron", "dct2", "sketch", "sss", "sparse",
+             "sum_of_product", "sum_tile_D", "kron", "kron_split", "dct2", "sketch", "sss", "sss_uneven", "sparse",
              "butterfly_padded", "tri", "monarch_padded", "sum_F_in_product"]
 
 BY_ID = {case.id: case for case in CASES}

@@ -109,6 +109,9 @@ OPS = [
     ("pad", lambda p, ns: ns.pad(p["a"], [[0, 0], [0, 2]]), {"a": (3, 4)}),
     ("tile", lambda p, ns: ns.tile(p["a"], [3]) * np.arange(12.0), {"a": (4,)}),
     ("tile 2-D", lambda p, ns: ns.tile(p["a"], (2, 3)) * np.arange(36.0).reshape(6, 6), {"a": (3, 2)}),
+    ("unstack", lambda p, ns: ns.unstack(p["a"])[2] * 2.0 + ns.unstack(p["a"])[0], {"a": (3, 4)}),
+    ("unstack axis 1, pieces reused", lambda p, ns: ns.stack(ns.unstack(p["a"], axis=1)[::-1] + ns.unstack(p["a"], axis=1)[:1]),
+     {"a": (2, 3, 2)}),
     ("flip", lambda p, ns: ns.flip(ns.reshape(p["a"], (2, 2, 3)), axis=1) * C.reshape(2, 2, 3), {"a": (3, 4)}),
     ("ones, arange", lambda p, ns: p["a"] * ns.ones((3, 4)) + ns.arange(4), {"a": (3, 4)}),
     ("scatter", lambda p, ns: (ns.scatter(IDX[:3, None] * 2 + 1, p["a"], (8,)) if ns is not np

@@ -127,6 +127,23 @@ def test_data_norm_fits_beat_weight_fits_in_the_data_norm():
         assert data.weight_error == pytest.approx(np.linalg.norm(W - E1) / np.linalg.norm(W), rel=1e-9)
 
 
+def test_sss_data_norm_fit_on_uneven_blocks_is_exact_and_its_sweeps_never_lose():
+    # 14 x 10 in p=4 stages: blocks (4, 4, 3, 3) x (3, 3, 2, 2), so the stacked stage
+    # matrices break into several stacks; the fit reads and writes them stage by stage
+    from keras_decomp.fitting.sss import data_norm_sweeps, whitened_hankel
+    rng = np.random.default_rng(5)
+    node = parse("sss(p=4, d=2)", 14, 10).stages[0]
+    assert len(node.param_shapes()) > 7  # more stacks than the 7 letters
+    inputs = rng.normal(size=(60, 14)) * np.linspace(0.2, 3.0, 14)
+    target = node.to_dense(node.init(rng))  # exactly an SSS of this size: the fit recovers it
+    got = node.to_dense(whitened_hankel(target, node, inputs))
+    assert np.linalg.norm(inputs @ (target - got)) <= 1e-9 * np.linalg.norm(inputs @ target)
+    # on a W that is no SSS, each exact stage solve can only lower the data error
+    _, history = data_norm_sweeps(rng.normal(size=(14, 10)), node, inputs, node.init(rng), sweeps=6)
+    assert len(history) == 7 and history[-1] < 0.5 * history[0]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(history, history[1:])), history
+
+
 # ---- Keras side: decompose(data=...), calibration errors, distillation ---------------
 
 def _two_layer_model():

@@ -329,9 +329,11 @@ FLOPS = [
      lambda b: 2 * (mm(b, 12, 4) + mm(b, 4, 8)) + 2 * b * 8,
      lambda b: mm(12, 4, 8) + mm(12, 4, 8) + 2 * 12 * 8 + mm(b, 12, 8)),
     # sss(p=2, d=1) on 4x4: blocks of 2; D_0, D_1 (2, 2), B_0, F_1 (2, 1), C_1, G_0 (1, 2): 16
-    # parameters, one multiply-add each per row, plus 2 + 2 additions of the state parts;
+    # parameters, one multiply-add each per row; the batched apply then adds the causal part
+    # (zero-padded in stage 0) and the anticausal part (zero-padded in stage 1) to the whole
+    # (p=2 stages, batch, 2 outputs) stack: 2 additions x 2 stages x 2 outputs = 8 per row;
     # materialised: the two off-diagonal blocks B_0 C_1 and F_1 G_0, mm(2, 1, 2) each
-    ("sss", "sss(p=2, d=1)", 4, 4, None, lambda b: 2 * b * 16 + 4 * b, lambda b: 2 * mm(2, 1, 2) + mm(b, 4, 4)),
+    ("sss", "sss(p=2, d=1)", 4, 4, None, lambda b: 2 * b * 16 + 8 * b, lambda b: 2 * mm(2, 1, 2) + mm(b, 4, 4)),
     # sparse(q=3, s=2) on 12x8: factors (12, 12), (12, 12), (12, 8).  A gather counts GATHER = 128
     # FLOPs per number read (sparse.py: memory-bound kernels): applied, a factor reads s inputs
     # per output, 128 b cols s; built, one scatter of its cols*s values into rows x cols zeros,

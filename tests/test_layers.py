@@ -159,7 +159,7 @@ HAND_BUILT = {
     "kron_right": lambda V, F, c, node: np.kron(V["dense.0.1.0.0"], ref_dct2(2, 2)),
     "identity": lambda V, F, c, node: V["dense.0.0"] @ np.eye(8),
     "tri": lambda V, F, c, node: V["tri.0.0.g_in"] @ V["tri.0.0.s"] @ V["tri.0.0.g_out"].T,
-    "sss_one_stage": lambda V, F, c, node: V["sss.0.0.D0"],
+    "sss_one_stage": lambda V, F, c, node: V["sss.0.0.D0"][0],  # one stage: the stack of D holds W
     "sparse": _sparse(3),
     "sparse_one_factor": _sparse(1),
     "butterfly": _butterfly,

@@ -17,7 +17,8 @@ from keras import ops
 
 import keras_decomp
 from keras_decomp import DecompError, layers, parse
-from keras_decomp.fitting.approximate import approximate, degree, fit
+from keras_decomp.fitting.approximate import approximate, fit
+from keras_decomp.fitting.degree import degree
 from keras_decomp.operators.structures.sss import SSS, block_sizes
 
 N, M, P, D = 47, 31, 6, 3  # odd block sizes, n != m: inputs (8,8,8,8,8,7), outputs (6,5,5,5,5,5)
@@ -28,13 +29,29 @@ def sss_node(p=P, d=D, n=N, m=M) -> SSS:
 
 
 def random_values(node, seed=0, scale=1.0) -> dict:
-    """Stage matrices drawn at random (not the layer's initialiser)."""
+    """Stage matrices drawn at random (not the layer's initialiser), stage by stage, then stacked."""
     rng = np.random.default_rng(seed)
-    return {k: scale * rng.normal(size=s) for k, s in node.param_shapes().items()}
+    values = {}
+    for sub in node.walk():
+        if isinstance(sub, SSS):
+            stages = {(letter, k): scale * rng.normal(size=shape) for k in range(sub.p)
+                      for letter, shape in sorted(sub.stage_shapes(k).items())}
+            values.update(sub.stacked(stages))
+        else:
+            values.update({k: scale * rng.normal(size=s) for k, s in sub.own_params().items()})
+    return values
 
 
 def stage(values, node, letter, k):
-    return values[node.name(letter, k)]
+    """Stage k's matrix ``letter``, read from the stacks by their names (``<key>.<letter><first
+    stage>``, one (stages, rows, cols) array per run of equal shapes), not by the node's accessor."""
+    prefix = node.key + "." + letter
+    for key, array in values.items():
+        if key.startswith(prefix) and key[len(prefix):].isdigit():
+            first = int(key[len(prefix):])
+            if first <= k < first + len(array):
+                return array[k - first]
+    return None
 
 
 # ---- independent references --------------------------------------------------------------------
@@ -81,8 +98,8 @@ def dense_by_paper(node, values) -> np.ndarray:
     p, d = node.p, node.d
 
     def get(letter, k, rows, cols):  # the paper's (column-vector) matrix, or an empty block
-        key = node.name(letter, k)
-        return values[key].T if key in values else np.zeros((rows, cols))
+        block = stage(values, node, letter, k)
+        return block.T if block is not None else np.zeros((rows, cols))
 
     n, m = node.in_sizes, node.out_sizes
     into = [0] + [d] * (p - 1)  # causal state entering stage k
@@ -114,15 +131,21 @@ def test_blocks_are_near_equal_and_the_first_ones_larger(total, p, sizes):
 def test_stage_shapes_and_count_by_hand():
     node = sss_node()
     assert node.in_sizes == (8, 8, 8, 8, 8, 7) and node.out_sizes == (6, 5, 5, 5, 5, 5)
-    shapes = node.param_shapes()
-    assert shapes[node.name("D", 0)] == (8, 6) and shapes[node.name("D", 5)] == (7, 5)
-    assert shapes[node.name("B", 0)] == (8, 3) and shapes[node.name("G", 0)] == (3, 6)
-    assert shapes[node.name("C", 5)] == (3, 5) and shapes[node.name("F", 5)] == (7, 3)
-    assert shapes[node.name("A", 2)] == (3, 3) and shapes[node.name("E", 2)] == (3, 3)
+    # stage matrices of one shape are stacked: a stack breaks where the blocks shrink (after the
+    # 47 mod 6 = 5 larger input blocks, after the 31 mod 6 = 1 larger output block)
+    k = node.key
+    assert node.param_shapes() == {
+        f"{k}.D0": (1, 8, 6), f"{k}.D1": (4, 8, 5), f"{k}.D5": (1, 7, 5),
+        f"{k}.B0": (5, 8, 3), f"{k}.G0": (1, 3, 6), f"{k}.G1": (4, 3, 5),
+        f"{k}.C1": (5, 3, 5), f"{k}.F1": (4, 8, 3), f"{k}.F5": (1, 7, 3),
+        f"{k}.A1": (4, 3, 3), f"{k}.E1": (4, 3, 3)}
+    values = random_values(node)
+    assert stage(values, node, "D", 0).shape == (8, 6) and stage(values, node, "D", 5).shape == (7, 5)
+    assert stage(values, node, "B", 0).shape == (8, 3) and stage(values, node, "G", 0).shape == (3, 6)
+    assert stage(values, node, "C", 5).shape == (3, 5) and stage(values, node, "F", 5).shape == (7, 3)
     # the open ends carry nothing: no state enters stage 0 causally or leaves stage p-1
     for absent in [("A", 0), ("E", 0), ("C", 0), ("F", 0), ("A", 5), ("E", 5), ("B", 5), ("G", 5)]:
-        assert node.name(*absent) not in shapes
-    assert len(shapes) == 6 + 4 * 5 + 2 * 4
+        assert stage(values, node, *absent) is None
     diagonal = 8 * 6 + 4 * 8 * 5 + 7 * 5  # 243
     b, f = 3 * (47 - 7), 3 * (47 - 8)  # B on all stages but the last, F on all but the first
     c, g = 3 * (31 - 6), 3 * (31 - 5)  # C on all but the first, G on all but the last
@@ -201,11 +224,15 @@ def test_build_cost_counts_the_products_of_materialize():
 def test_degree_is_the_longest_chain_of_given_keys():
     node = sss_node()
     keys = set(node.param_shapes())
+    k = node.key
     assert degree(node, keys) == P  # B_0 A_1 .. A_4 C_5
-    assert all(degree(node, {k}) == 1 for k in keys)
-    assert degree(node, {node.name("D", 2), node.name("D", 3)}) == 1
-    assert degree(node, {node.name("B", 0), node.name("A", 1), node.name("E", 1)}) == 2
-    assert degree(node, {node.name("F", 3), node.name("E", 2), node.name("G", 1), node.name("G", 0)}) == 3
+    # a stack of transitions holds every A_k of a chain: B_0 A_1 .. A_4 C_5 is of degree 4 in it
+    assert degree(node, {f"{k}.A1"}) == P - 2
+    assert all(degree(node, {key}) == 1 for key in keys - {f"{k}.A1", f"{k}.E1"})
+    assert degree(node, {f"{k}.D1"}) == 1
+    assert degree(node, {f"{k}.B0", f"{k}.A1", f"{k}.E1"}) == 1 + 4  # B_0 A_1 A_2 A_3 A_4
+    # F_4 E_3 E_2 E_1 G_0 (F1 holds F_1..F_4; G0 holds G_0 only, G1 G_1..G_4)
+    assert degree(node, {f"{k}.F1", f"{k}.E1", f"{k}.G0"}) == 5
     assert degree(node, set()) == 0
 
 
@@ -278,16 +305,36 @@ def test_composition_with_lowrank_is_fitted_by_the_generic_method():
     assert fit(exact, node).rel_error < 0.1 * approximate(exact, "sss(p=3, d=1)")[1]
 
 
-def test_block_solve_of_each_stage_matrix_is_the_least_squares_one():
-    # SSS.solve_block gives the closed form of what approximate's generic probing computes
-    from keras_decomp.fitting.approximate import _probe_solve
+def affine_least_squares(f, shape, target):
+    """argmin_X ||target - f(X)||_F for an affine f, from its values at 0 and the unit matrices."""
+    zero = f(np.zeros(shape))
+    columns = []
+    for i in range(math.prod(shape)):
+        unit = np.zeros(math.prod(shape))
+        unit[i] = 1.0
+        columns.append((f(unit.reshape(shape)) - zero).ravel())
+    solution = np.linalg.lstsq(np.stack(columns, axis=1), (target - zero).ravel(), rcond=None)[0]
+    return solution.reshape(shape)
 
+
+def test_block_solve_of_each_stage_matrix_is_the_least_squares_one():
+    # SSS.solve_block solves the stages of a stack one after the other, each by its closed
+    # form; the reference does the same by least squares on W probed entry by entry
     node = sss_node(4, 2, 13, 11)
     values = random_values(node, seed=15)
     target = np.random.default_rng(16).normal(size=node.shape)
-    for key in node.param_shapes():
-        expected = _probe_solve(target, node, values, {}, [key])[key]
+    solved = 0
+    for key, shape in node.param_shapes().items():
+        expected = np.array(values[key])
+        for i in range(shape[0]):
+            def dense_with(X, i=i, key=key, expected=expected):
+                stack = expected.copy()
+                stack[i] = X
+                return node.to_dense({**values, key: stack})
+            expected[i] = affine_least_squares(dense_with, shape[1:], target)
+            solved += 1
         np.testing.assert_allclose(node.solve_block(target, key, values)[key], expected, atol=1e-9, err_msg=key)
+    assert solved == 4 + 3 * 4 + 2 * 2  # D on 4 stages, B C F G on 3, A E on 2
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -353,7 +400,7 @@ def test_every_stage_matrix_gets_a_gradient(mode):
         loss = tf.reduce_sum(layer(x) * r)
     grads = tape.gradient(loss, layer.trainable_variables)
     names = [v.path for v in layer.trainable_variables]
-    assert len(names) == len(layer.node.param_shapes()) == 6 + 4 * 5 + 2 * 4
+    assert len(names) == len(layer.node.param_shapes()) == 11  # the stacks of test_stage_shapes...
     for name, g in zip(names, grads):
         assert g is not None and np.any(np.asarray(g) != 0), f"no gradient reaches {name}"
     # and the gradient is the right one: d loss / d W = x^T r, chained through the stage matrices
@@ -380,3 +427,93 @@ def test_decompose_replaces_a_trained_dense_layer_exactly_when_d_suffices():
     x = np.random.default_rng(14).normal(size=(5, 12)).astype("float32")
     np.testing.assert_allclose(ops.convert_to_numpy(small(x)), ops.convert_to_numpy(model(x)), atol=1e-5)
     assert math.isclose(small.layers[0].node.num_params, parse("sss(p=3, d=4)", 12, 10).num_params)
+
+
+# ---- the batched apply: a few tens of ops, only the state recursion stage by stage ---------------
+
+STEPS = {"seconds_per_op": 0.0}  # ops free: the recursion runs step by step (fewer FLOPs)
+ROUNDS = {"flops_per_s": 1e300, "bytes_per_s": 1e300, "seconds_per_op": 1.0}  # only ops cost: doubling
+
+
+def traced_ops(p, n=256, d=4, **constants):
+    import tensorflow as tf
+
+    from keras_decomp.operators.cost import use
+    with use(**constants):
+        layer = layers.Dense(n, W=f"sss(p={p}, d={d})", mode="apply", use_bias=False)
+        x = tf.ones((1, n))
+        graph = tf.function(layer).get_concrete_function(x).graph
+    return [op.type for op in graph.get_operations() if op.type not in ("Placeholder", "Const", "NoOp", "Identity")]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="reads the traced TensorFlow graph")
+def test_the_batched_apply_is_a_few_tens_of_graph_ops_two_more_per_stage():
+    sixteen, thirty_two = traced_ops(16, **STEPS), traced_ops(32, **STEPS)
+    # 7 variable reads, one batched product per letter, the recursion's 2-D product and add per step
+    assert len(sixteen) <= 70 and sixteen.count("ReadVariableOp") == 7
+    assert len(thirty_two) - len(sixteen) == 2 * 16
+    assert thirty_two.count("MatMul") - sixteen.count("MatMul") == 16
+    assert sixteen.count("BatchMatMulV2") == thirty_two.count("BatchMatMulV2") == 5  # D, B, F, C, G
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="reads the traced TensorFlow graph")
+def test_by_doubling_a_long_recursion_is_a_few_ops_per_doubling_of_p():
+    counts = {p: len(traced_ops(p, n=512, **ROUNDS)) for p in (64, 128, 256)}  # 6, 7, 8 rounds
+    assert counts[256] <= 90  # stepping 255 steps would be 510 ops
+    # one more round: the states' shift, product and add, the transitions' shift and product
+    assert counts[128] - counts[64] == counts[256] - counts[128] == 7
+
+
+@pytest.mark.parametrize("scan", ["steps", "doubling"])
+@pytest.mark.parametrize("p", [3, 4, 7, 16])
+def test_both_scans_equal_x_times_dense(monkeypatch, scan, p):
+    monkeypatch.setattr(SSS, "scan", lambda self, batch: scan)
+    node = sss_node(p, 3, 50, 37)
+    values = random_values(node, seed=22, scale=0.6)
+    x = np.random.default_rng(23).normal(size=(5, 50))
+    expected = x @ dense_by_blocks(node, values)
+    np.testing.assert_allclose(node.apply(x, values, np), expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
+def test_the_scan_is_chosen_by_its_cost():
+    from keras_decomp.operators.cost import use
+    with use(**ROUNDS):  # only ops cost: 2 per step against 7 per round
+        assert [sss_node(p, 3, 50, 37).scan(1) for p in (7, 16)] == ["steps", "doubling"]
+    with use(**STEPS):  # ops free: the fewer FLOPs of steps
+        assert sss_node(16, 3, 50, 37).scan(1) == "steps"
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="converts to TFLite")
+def test_the_factored_tflite_file_has_two_operators_per_stage(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from keras_decomp.export import export
+    from keras_decomp.operators.cost import use
+    counts = {}
+    for p in (8, 16):
+        model = keras.Sequential([keras.Input((256,)), layers.Dense(256, W=f"sss(p={p}, d=4)", name="s")])
+        with use(**STEPS):
+            report = export(model, tmp_path / f"sss{p}.tflite", mode="factored", sample=np.ones((2, 256), "float32"))
+        assert report["forms"] == {"s": "factored"} and report["max_abs_diff"] < 1e-4
+        counts[p] = len(Interpreter(model_path=str(tmp_path / f"sss{p}.tflite"))._get_ops_details())
+    assert counts[16] <= 2 * 16 + 20 and counts[16] - counts[8] == 2 * 8
+
+
+@pytest.mark.parametrize("n, m", [(250, 90), (13, 8), (64, 64)])
+def test_padded_equal_blocks_are_exact_in_float32(n, m):
+    # near-equal blocks padded to equal ones: the padding meets zeros and is cut off
+    layer = layers.Dense(m, W="sss(p=4, d=3)", mode="apply", use_bias=False)
+    x = np.random.default_rng(20).normal(size=(6, n)).astype("float32")
+    y = np.asarray(ops.convert_to_numpy(layer(x)), np.float64)
+    values = layer_values(layer)
+    expected = x.astype(np.float64) @ dense_by_blocks(layer.node, values)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_composition_with_many_stages_is_still_fitted_by_alternating_least_squares():
+    # a stack of transitions is of degree p - 2 in W, but SSS solves it stage by stage, exactly
+    W = np.random.default_rng(21).normal(size=(30, 24))
+    result = fit(W, "sss(p=6, d=2) + lowrank(r=1)")
+    assert result.method == "alternating least squares"
+    assert all(b <= a for a, b in zip(result.history, result.history[1:]))
+    assert result.rel_error < approximate(W, "sss(p=6, d=2)")[1]

@@ -31,11 +31,11 @@ import scipy.linalg
 from ..errors import DecompError
 from ..operators import ir
 from ..language.parse import parse
-from ..operators.fixed import FixedLeaf
 from ..operators.structures.basic import Dense, Diag, LowRank, SumOf
 from . import methods, progress
 from . import monarch, sketch, sparse, sss, tri  # noqa: F401 - each registers its structure's own fit
 from .methods import register  # noqa: F401 - the plug-in entry point, also here
+from .degree import degree, solved_by_parts
 from .data_norm import DAMPING, check_gram, data_error, refine, whitened, whitened_svd, whitening
 from .fast_random import FastSum, solve_between
 from .target import check_target, rel_error
@@ -106,7 +106,7 @@ def _fit_weight_norm(W, node, seed, init) -> Approximation:
     if degree(node, set(keys)) <= 1:
         values = _solve_linear(W, node, values, fixed, keys)
         return Approximation(values, rel_error(W, node, values, fixed), "least squares")
-    if all(degree(node, {k}) <= 1 for k in keys):
+    if all(degree(node, {k}) <= 1 or solved_by_parts(node, k) for k in keys):
         return _als(W, node, values, fixed, keys)
     from .gradient import gradient_fit
     values, history = gradient_fit(W, node, values, fixed)
@@ -151,26 +151,6 @@ def _node(node_or_text, shape, seed, params) -> ir.Node:
 
 
 # ---- structure ---------------------------------------------------------------
-
-def degree(node: ir.Node, keys: set) -> int:
-    """Polynomial degree of the node's dense form in the parameters ``keys``."""
-    own = getattr(node, "degree", None)
-    if own is not None:
-        return own(keys)
-    if isinstance(node, LowRank):
-        return (node.key + ".u" in keys) + (node.key + ".v" in keys)
-    if isinstance(node, (Dense, Diag)):
-        return int(node.key in keys)
-    if isinstance(node, SumOf):
-        return int(node.key in keys) + max((degree(d, keys) for d in node.children()), default=0)
-    if isinstance(node, ir.Scale):
-        return int(node.key in keys if node.key else 0) + degree(node.child, keys)
-    if isinstance(node, (ir.Product, ir.Kron)):
-        return sum(degree(c, keys) for c in node.children())
-    if isinstance(node, FixedLeaf):
-        return 0
-    return max((degree(c, keys) for c in node.children()), default=int(bool(set(node.own_params()) & keys)))
-
 
 def _lowrank_view(W, node):
     """(target, LowRank node, other values) when ``node`` is a ``lowrank`` under

@@ -10,10 +10,10 @@ inputs: one backward pass, whatever the number of parameters.
 Only what ``materialize`` uses is supported: +, -, *, / (scalars and numpy
 broadcasting), unary -, basic indexing (ints, slices, None), ``.shape``/``.ndim``, and
 xp.matmul, reshape, concatenate, eye, einsum, transpose, take, tensordot, sum, pad,
-stack.  Anything else fails loudly, naming what is missing: ``AttributeError`` for a
-function or attribute that is not there, ``NotImplementedError`` for an unsupported
-form of one that is (advanced indexing, ``einsum`` with '...', a traced index), and
-numpy itself refuses to run on a traced array (``np.matmul(traced, ...)``).
+stack, unstack, tile, flip, scatter.  Anything else fails loudly, naming what is missing:
+``AttributeError`` for a function or attribute that is not there, ``NotImplementedError``
+for an unsupported form of one that is (advanced indexing, ``einsum`` with '...', a traced
+index), and numpy itself refuses to run on a traced array (``np.matmul(traced, ...)``).
 
 >>> import numpy as np
 >>> a = np.array([[1.0, 2.0], [3.0, 4.0]])
@@ -32,7 +32,7 @@ import string
 import numpy as np
 
 SUPPORTED = ("arange", "concatenate", "einsum", "eye", "flip", "matmul", "ones", "pad", "reshape", "scatter",
-             "stack", "sum", "take", "tensordot", "tile", "transpose")
+             "stack", "sum", "take", "tensordot", "tile", "transpose", "unstack")
 
 
 class Traced:
@@ -250,6 +250,20 @@ class Namespace:
         values = [value_of(x) for x in arrays]
         return _op(list(arrays), np.stack(values, axis=axis),
                    lambda g: [np.take(g, i, axis=axis) for i in range(len(values))])
+
+    @staticmethod
+    def unstack(a, axis=0):
+        """numpy.unstack: the sub-arrays along ``axis``; each passes its cotangent back to its slot."""
+        av = value_of(a)
+        axis = axis % av.ndim
+
+        def piece(i):
+            def pullback(g):
+                out = np.zeros(av.shape)
+                out[(slice(None),) * axis + (i,)] = g
+                return (out,)
+            return _op([a], np.take(av, i, axis=axis), pullback)
+        return tuple(piece(i) for i in range(av.shape[axis]))
 
     @staticmethod
     def take(a, indices, axis=None):

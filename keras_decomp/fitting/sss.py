@@ -29,19 +29,18 @@ def hankel_approximation(W, node: SSS, rng=None) -> dict:
     W = np.asarray(W, dtype=np.float64)
     p, ins, outs = node.p, node.in_sizes, node.out_sizes
     ri, ro = _offsets(ins), _offsets(outs)
-    values = {node.name("D", k): W[ri[k]:ri[k + 1], ro[k]:ro[k + 1]].copy() for k in range(p)}
-    if p == 1:
-        return values
-    B, A, C = _causal_realization(W, ins, outs, node.d)
-    Gt, Et, Ft = _causal_realization(W.T, outs, ins, node.d)
-    for k in range(p):
-        if k < p - 1:
-            values[node.name("B", k)], values[node.name("G", k)] = B[k], Gt[k].T
-        if k > 0:
-            values[node.name("C", k)], values[node.name("F", k)] = C[k], Ft[k].T
-        if 0 < k < p - 1:
-            values[node.name("A", k)], values[node.name("E", k)] = A[k], Et[k].T
-    return values
+    stages = {("D", k): W[ri[k]:ri[k + 1], ro[k]:ro[k + 1]] for k in range(p)}
+    if p > 1:
+        B, A, C = _causal_realization(W, ins, outs, node.d)
+        Gt, Et, Ft = _causal_realization(W.T, outs, ins, node.d)
+        for k in range(p):
+            if k < p - 1:
+                stages["B", k], stages["G", k] = B[k], Gt[k].T
+            if k > 0:
+                stages["C", k], stages["F", k] = C[k], Ft[k].T
+            if 0 < k < p - 1:
+                stages["A", k], stages["E", k] = A[k], Et[k].T
+    return node.stacked(stages)
 
 
 def _causal_realization(W, ins, outs, d):
@@ -100,10 +99,18 @@ def whitened_hankel(W, node: SSS, R, rng=None, sweeps: int = 5) -> dict:
     values = hankel_approximation(scipy.linalg.block_diag(*blocks) @ W, node)
     for k, block in enumerate(blocks):
         for letter in "DBF":
-            key = node.name(letter, k)
-            if key in values:
-                values[key] = scipy.linalg.solve_triangular(block, values[key], lower=False)
+            if letter in node.stage_shapes(k):
+                unscaled = scipy.linalg.solve_triangular(block, node.stage(values, letter, k), lower=False)
+                values = _with_stage(node, values, letter, k, unscaled)
     return data_norm_sweeps(W, node, R, values, sweeps)[0]
+
+
+def _with_stage(node: SSS, values, letter: str, k: int, X) -> dict:
+    """``values`` with stage k's matrix ``letter`` replaced by X, in a copy of its stack."""
+    key = node.name(letter, k)
+    stack = np.array(values[key], dtype=np.float64)
+    stack[k - int(key[len(node.key) + 2:])] = X
+    return {**values, key: stack}
 
 
 def data_norm_sweeps(W, node: SSS, R, values, sweeps: int = 8, tol: float = 1e-6):
@@ -119,26 +126,26 @@ def data_norm_sweeps(W, node: SSS, R, values, sweeps: int = 8, tol: float = 1e-6
     RW, RE = R @ W, R @ node.to_dense(values)
     norm = np.linalg.norm(RW) or 1.0
     history = [np.linalg.norm(RW - RE) / norm]
-    keys = list(node.param_shapes())
+    # one stage matrix at a time (the stacks hold several), stage by stage
+    matrices = [(letter, k) for k in range(node.p) for letter in sorted(node.stage_shapes(k))]
     for _ in range(sweeps):
-        for key in keys:
-            rows, left, cols, right = _placement(node, key, values)
+        for letter, k in matrices:
+            rows, left, cols, right = _placement(node, letter, k, values)
             Rleft = R[:, rows] if left is None else R[:, rows] @ left
-            old = _block(Rleft, values[key], right)
+            old = _block(Rleft, node.stage(values, letter, k), right)
             rest = RW[:, cols] - (RE[:, cols] - old)
             X = _between(Rleft, rest, right)
             RE[:, cols] += _block(Rleft, X, right) - old
-            values = {**values, key: X}
+            values = _with_stage(node, values, letter, k, X)
         history.append(np.linalg.norm(RW - RE) / norm)
         if history[-2] - history[-1] <= tol * history[-2]:
             break
     return values, history
 
 
-def _placement(node: SSS, key, values):
-    """(rows, left, cols, right): where stage matrix ``key`` enters W, and the
+def _placement(node: SSS, letter: str, k: int, values):
+    """(rows, left, cols, right): where stage k's matrix ``letter`` enters W, and the
     stacks on each side (None: the identity), as in ``SSS.solve_block``."""
-    letter, k = key[len(node.key) + 1], int(key[len(node.key) + 2:])
     ri, ro = _offsets(node.in_sizes), _offsets(node.out_sizes)
     reach, observe, back, observe_back = _stacks(node, values)
     here_in, here_out = slice(ri[k], ri[k + 1]), slice(ro[k], ro[k + 1])

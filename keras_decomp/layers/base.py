@@ -196,8 +196,8 @@ class _Decomposed(keras.layers.Layer):
         is materialised and convolved once."""
         node, mode = self.node, self.mode
         factors = conv_factors(node)
-        if mode == "auto":
-            mode = "apply" if node.flops(positions, "apply") < node.flops(positions, "materialize") else "materialize"
+        if mode == "auto":  # the faster path by the cost model (operators/cost.py)
+            mode = node.choose(positions)
         if mode != "apply" or not factors:
             return None
         first = factors[0]
@@ -208,12 +208,27 @@ class _Decomposed(keras.layers.Layer):
         """x2d @ W for a 2-D input, by the forced or the cheaper mode."""
         v, xp = self._values(), _Ops(self.compute_dtype)
         mode = self.mode
-        if mode == "auto":
-            cheaper = self.node.flops(batch, "apply") < self.node.flops(batch, "materialize")
-            mode = "apply" if cheaper else "materialize"
+        if mode == "auto":  # the faster path by the cost model (operators/cost.py)
+            mode = self.node.choose(batch)
         if mode == "apply":
             return self.node.apply(x2d, v, xp)
         return ops.matmul(x2d, self.node.materialize(v, xp))
+
+    def load_own_variables(self, store):
+        """The saved weights; a file of keras_decomp 0.1, which kept one SSS variable per
+        stage matrix, is read into the stacks of this version."""
+        legacy = _legacy_keys(self)
+        if legacy is None or [tuple(store[str(i)].shape) for i in range(len(store.keys()))] != \
+                list(legacy.values()) + [tuple(self.bias.shape)] * (self.bias is not None):
+            return super().load_own_variables(store)
+        arrays = {key: np.asarray(store[str(i)]) for i, key in enumerate(legacy)}
+        for node in self.node.walk():
+            if hasattr(node, "from_legacy"):
+                arrays.update(node.from_legacy(arrays))
+        for key, variable in self.decomposition_variables.items():
+            variable.assign(arrays[key])
+        if self.bias is not None:
+            self.bias.assign(store[str(len(legacy))])
 
     def _decomposition_config(self) -> dict:
         return {"W": self.W, "params": self.params, "seed": self.seed, "mode": self.mode,
@@ -250,6 +265,21 @@ def _fixed_arrays(node) -> dict:
         if isinstance(sub, Slice) and isinstance(leaf, FixedLeaf) and leaf.stores_matrix() and leaf.key in arrays:
             arrays[sub.fixed_key] = np.ascontiguousarray(arrays[leaf.key][:, sub.start:sub.stop])
     return arrays
+
+
+def _legacy_keys(layer) -> dict | None:
+    """keras_decomp 0.1's variables (key -> shape, in its order) of a layer holding an SSS
+    node, else None."""
+    if not any(hasattr(node, "legacy_params") for node in layer.node.walk()):
+        return None
+    owned = {id(w) for w in layer.weights}
+    keys = {}
+    for node in layer.node.walk():
+        legacy = hasattr(node, "legacy_params")
+        for k, shape in (node.legacy_params() if legacy else node.own_params()).items():
+            if legacy or id(layer.decomposition_variables[k]) in owned:
+                keys.setdefault(k, tuple(shape))
+    return keys
 
 
 def _in_layer(err: DecompError, layer) -> DecompError:

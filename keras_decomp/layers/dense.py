@@ -24,7 +24,8 @@ class Dense(_Decomposed):
 
     ``params`` binds symbols, ``seed`` fixes the random bases, ``mode`` forces
     "apply" (factor by factor) or "materialize" (W, then one matmul); "auto"
-    picks the one with fewer FLOPs.  ``stage`` selects a ``|`` stage.
+    picks the faster by the cost model (FLOPs, memory traffic and ops; operators/cost.py).
+    ``stage`` selects a ``|`` stage.
     """
 
     def __init__(self, units, W="dense", activation=None, use_bias=True, bias_initializer="zeros",

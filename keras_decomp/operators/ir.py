@@ -4,10 +4,8 @@ Every node denotes a linear operator W of shape (rows, cols) acting on row
 vectors, y = x W.  One implementation serves numpy and Keras: ``materialize``
 and ``apply`` take an array namespace ``xp`` (``numpy`` or ``keras.ops``) and a
 mapping ``v`` from keys to arrays holding both the trainable values and the
-fixed arrays.  Costs (``flops``) come from shapes alone.
-
-Combinators live here; fixed bases in ``fixed.py``; trainable structures in
-``structures/``.
+fixed arrays.  Costs (``flops``) come from shapes alone.  Combinators live here;
+fixed bases in ``fixed.py``; trainable structures in ``structures/``.
 """
 
 from __future__ import annotations
@@ -17,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+
+from .cost import Cost
 
 Shape = tuple[int, int]
 
@@ -100,8 +100,8 @@ class Node:
         return xp.matmul(x, self.materialize(v, xp))
 
     def best_apply(self, x, v, xp, batch: int):
-        """x W by whichever of apply and materialise costs fewer FLOPs."""
-        if self.flops(batch, "apply") < self.flops(batch, "materialize"):
+        """x W by whichever of apply and materialise ``choose`` says is faster."""
+        if self.choose(batch) == "apply":
             return self.apply(x, v, xp)
         return xp.matmul(x, self.materialize(v, xp))
 
@@ -132,6 +132,51 @@ class Node:
             return self.build_cost() + matmul_cost(batch, *self.shape)
         raise ValueError(f"mode must be 'apply' or 'materialize', not {mode!r}")
 
+    # ---- time: FLOPs, memory traffic and ops (operators/cost.py) ---------------
+    def cost(self, batch: int, mode: str = "apply") -> Cost:
+        """The work of y = x W for ``batch`` rows on one path, each sub-node on its
+        own faster path; ``.seconds()`` turns it into time on this machine."""
+        rows, cols = self.shape
+        if mode == "materialize":
+            return self.build_work() + Cost(matmul_cost(batch, rows, cols), rows * cols + batch * (rows + cols), 1)
+        if mode != "apply":
+            raise ValueError(f"mode must be 'apply' or 'materialize', not {mode!r}")
+        return self.apply_work(batch)
+
+    def choose(self, batch: int) -> str:
+        """"apply" or "materialize", whichever ``cost`` says takes less time (ties: apply)."""
+        return self._faster(batch)[0]
+
+    def best_work(self, batch: int) -> Cost:
+        return self._faster(batch)[1]
+
+    def _faster(self, batch: int) -> tuple[str, Cost]:  # each path priced once: O(depth), not 2^depth
+        apply, build = self.cost(batch, "apply"), self.cost(batch, "materialize")
+        return ("apply", apply) if apply.seconds() <= build.seconds() else ("materialize", build)
+
+    def stored(self) -> int:  # numbers held below this node, trainable and fixed
+        return self.num_params + self.num_fixed
+
+    def build_work(self) -> Cost:
+        """Building W: a node that only reads its stored matrix (dense, G) costs nothing
+        here; any other writes its (rows, cols) result with about one op per node."""
+        computing = [n for n in self.walk() if n.children() or len(n.own_params()) + len(n.own_fixed()) > 1
+                     or n.build_cost() > 0 or (n.own_fixed() and not n.own_params() and
+                                               list(n.own_fixed().values()) != [n.shape])]
+        if not computing:
+            return Cost()
+        return Cost(self.build_cost(), self.stored() + sum(math.prod(n.shape) for n in computing), len(computing))
+
+    def apply_work(self, batch: int) -> Cost:
+        """Apply's work; without an apply of its own, materialise's.  A structure's own apply:
+        its FLOPs, its arrays read once, one op per trainable array (fixed ones, indices or
+        bases, feed the same ops), each moving about a row of activations."""
+        if type(self).apply is Node.apply:
+            return self.cost(batch, "materialize")
+        rows, cols = self.shape
+        ops = max(1, len(self.own_params()))
+        return Cost(self.apply_cost(batch), self.stored() + ops * batch * (rows + cols), ops)
+
     def label(self) -> str:
         return type(self).__name__.lower()
 
@@ -157,8 +202,7 @@ class Add(Node):
         out = None
         for sign, term in zip(self.signs, self.terms):
             w = term.materialize(v, xp)
-            w = w if sign > 0 else -w
-            out = w if out is None else out + w
+            out = (w if sign > 0 else -w) if out is None else (out + w if sign > 0 else out - w)
         return out
 
     def apply(self, x, v, xp):
@@ -166,8 +210,7 @@ class Add(Node):
         out = None
         for sign, term in zip(self.signs, self.terms):
             y = term.best_apply(x, v, xp, batch)
-            y = y if sign > 0 else -y
-            out = y if out is None else out + y
+            out = (y if sign > 0 else -y) if out is None else (out + y if sign > 0 else out - y)
         return out
 
     def apply_cost(self, batch):
@@ -175,6 +218,11 @@ class Add(Node):
 
     def build_cost(self):
         return sum(t.build_cost() for t in self.terms) + math.prod(self.shape) * (len(self.terms) - 1)
+
+    def apply_work(self, batch):
+        merges = len(self.terms) - 1
+        out = batch * self.shape[1]
+        return sum((t.best_work(batch) for t in self.terms), Cost(out * merges, 3 * out * merges, merges))
 
     def label(self):
         return "+"
@@ -211,6 +259,9 @@ class Product(Node):
             cost += matmul_cost(rows, *f.shape)
         return cost
 
+    def apply_work(self, batch):
+        return sum((f.best_work(batch) for f in self.factors), Cost())
+
     def label(self):
         return "product"
 
@@ -246,6 +297,10 @@ class Scale(Node):
 
     def build_cost(self):
         return self.child.build_cost() + math.prod(self.shape)
+
+    def apply_work(self, batch):
+        out = batch * self.shape[1]
+        return self.child.best_work(batch) + Cost(out, 2 * out, 1)
 
     def label(self):
         return f"* {self.key or self.constant:g}" if not self.key else f"* {self.key}"
@@ -298,6 +353,13 @@ class Slice(Node):
     def build_cost(self):
         return self.child.build_cost()
 
+    def build_work(self):
+        stores = getattr(self.child, "stores_matrix", None)  # DCT2[:k]: cut once by the layer, then read
+        return Cost() if stores is not None and stores() else super().build_work()
+
+    def apply_work(self, batch):
+        return self.child.best_work(batch) + Cost(0, 2 * batch * self.shape[1], 1)
+
     def label(self):
         return f"[{self.start}:{self.stop}]"
 
@@ -324,41 +386,11 @@ class Tile(Node):
     def build_cost(self):
         return sum(d.build_cost() for d in self.draws)
 
+    def apply_work(self, batch):
+        return sum((d.best_work(batch) for d in self.draws), Cost(0, 2 * batch * self.shape[1], 1))
+
     def label(self):
         return f"tile(n={len(self.draws)})"
-
-
-@dataclass(frozen=True)
-class Kron(Node):
-    """Kronecker product A (x) B."""
-
-    a: Node | None = None
-    b: Node | None = None
-
-    def children(self):
-        return (self.a, self.b)
-
-    def materialize(self, v, xp):
-        (ra, ca), (rb, cb) = self.a.shape, self.b.shape
-        w = xp.einsum("ij,kl->ikjl", self.a.materialize(v, xp), self.b.materialize(v, xp))
-        return xp.reshape(w, (ra * rb, ca * cb))
-
-    def apply(self, x, v, xp):
-        (ra, ca), (rb, cb) = self.a.shape, self.b.shape
-        x3 = xp.reshape(x, (-1, ra, rb))
-        y = xp.einsum("bik,ij,kl->bjl", x3, self.a.materialize(v, xp), self.b.materialize(v, xp))
-        return xp.reshape(y, (-1, ca * cb))
-
-    def apply_cost(self, batch):
-        (ra, ca), (rb, cb) = self.a.shape, self.b.shape
-        return (self.a.build_cost() + self.b.build_cost()
-                + matmul_cost(batch * ra, rb, cb) + matmul_cost(batch * cb, ra, ca))
-
-    def build_cost(self):
-        return self.a.build_cost() + self.b.build_cost() + math.prod(self.shape)
-
-    def label(self):
-        return "kron"
 
 
 def _static_batch(x) -> int:

@@ -3,9 +3,11 @@ refused before anything is allocated, with the size named."""
 
 from __future__ import annotations
 
+import math
 import os
 
 from ..errors import ShapeError
+from .fixed import FixedLeaf
 
 def memory_limit() -> int:
     """Numbers (float64) we let one expression hold: half the machine's memory,
@@ -36,3 +38,18 @@ def check_memory(entries: int, what: str, pos: int | None = None) -> None:
 MAX_DRAWS = 10_000
 
 
+
+
+def draw_entries(node) -> int:
+    """Numbers one draw of ``node`` keeps inside ``sum`` or ``tile``: where the draws
+    collapse (a fixed leaf linear in its arrays, or rank-1), its arrays stacked (two
+    vectors for R, one for D); otherwise its dense matrix, which a sum of generic
+    draws may materialise one by one.
+
+    >>> from keras_decomp import parse
+    >>> draw_entries(parse("R", 4096, 4096).stages[0]), draw_entries(parse("G", 64, 32).stages[0])
+    (8192, 2048)
+    """
+    if isinstance(node, FixedLeaf) and node.stack in ("linear", "rank1", "shared"):
+        return 0 if node.stack == "shared" else sum(math.prod(s) for s in node.array_shapes().values())
+    return max(math.prod(node.shape), node.num_params + node.num_fixed)

@@ -1,3 +1,4 @@
+from . import kron  # noqa: F401 - registers kron(A, B)
 from . import sketch  # noqa: F401 - registers sketch(k=, l=)
 from . import sss  # noqa: F401 - registers sss(p=, d=)
 from . import tri  # noqa: F401 - registers tri(k=, h=)

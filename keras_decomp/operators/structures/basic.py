@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..fixed import FixedLeaf
+from ..cost import Cost
 from ..ir import Node, matmul_cost, _static_batch
 
 
@@ -99,6 +100,12 @@ class LowRank(Node):
 
     def build_cost(self):
         return matmul_cost(self.shape[0], self.rank, self.shape[1])
+
+    def apply_work(self, batch):
+        """x u, then (x u) v: x read once, the (batch, r) middle written and read, y written
+        (the generic count moves x and y once per op, twice here)."""
+        rows, cols = self.shape
+        return Cost(self.apply_cost(batch), self.stored() + batch * (rows + 2 * self.rank + cols), 2)
 
     def label(self):
         return f"lowrank(r={self.rank})"
@@ -208,6 +215,12 @@ class SumOf(Node):
         if self.mode == "shared":
             return self.draws[0].build_cost() + size + n
         return sum(d.build_cost() for d in self.draws) + 2 * n * size
+
+    def apply_work(self, batch):
+        if self.mode is None:  # draw by draw, then one tensordot with c
+            n, out = len(self.draws), batch * self.shape[1]
+            return sum((d.best_work(batch) for d in self.draws), Cost(2 * n * out, (n + 2) * out, 2))
+        return super().apply_work(batch)
 
     def label(self):
         return f"sum({self.draws[0].label()}, n={len(self.draws)})"

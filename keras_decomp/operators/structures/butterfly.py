@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..cost import Cost
 from ..ir import _static_batch, matmul_cost
 from .registry import Structure, register
 from .sparse import SparseFactor, SparseProduct, _product
@@ -126,6 +127,23 @@ class ButterflyProduct(SparseProduct):
 
     def build_cost(self):
         return self.apply_cost(self.shape[0])
+
+    # Product's work terms would price the factors' gathers, a path this class never runs
+    def apply_work(self, batch):
+        """The path ``apply`` takes: 4 elementwise ops per factor on a (batch, N) array
+        (flips), or the blocks built by doubling (about 3 ops per factor on 2 N 2^h numbers)
+        then 3 transposes and 2 batched matmuls of the activations (blocks)."""
+        size, levels, moved = self.size, len(self.factors), 2 * batch * self.size  # read + write
+        if self._blocks_cheaper(batch):
+            low, high = 1 << self.split, size >> self.split
+            work = Cost(0, 2 * size * (low + high), 3 * levels) + Cost(0, 5 * moved, 5)
+        else:
+            work = Cost(0, 4 * levels * moved, 4 * levels)
+        return Cost(self.apply_cost(batch), self.stored(), 0) + work
+
+    def build_work(self):
+        """``materialize`` applies the factors to the identity: apply's work at N rows."""
+        return self.apply_work(self.shape[0])
 
 
 def _blocks(columns, stride: int, xp, size: int):

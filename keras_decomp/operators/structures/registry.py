@@ -13,6 +13,7 @@ from typing import Callable
 from .. import fixed as fx
 from .. import ir
 from .. import names
+from ..memory import draw_entries
 from ...errors import ArgumentError, ShapeError, UnknownNameError
 from .basic import Dense, Diag, LowRank, SumOf
 from .fast_random import FastSum
@@ -190,9 +191,21 @@ def _lowrank(low, call, args, rows, cols, key):
 def _sum(low, call, args, rows, cols, key):
     if _is_fast_basis(low, call.args[0]):
         return _fast_sum(low, call, args, rows, cols, key)
-    with low.draws(args["n"], rows * cols, f"sum(n={args['n']}) of {rows}x{cols} terms", call.pos):
-        draws = tuple(low.lower(call.args[0], rows, cols, key + (low.index(call), j)) for j in range(args["n"]))
+    n = args["n"]
+    draws = _draws(low, call, n, rows, cols, key, f"sum(n={n}) of {rows}x{cols} terms")
     return SumOf((rows, cols), key=_auto_key(low, call, key), draws=draws)
+
+
+def _draws(low, call, n, rows, cols, key, what):
+    """n independent draws of the call's expression, each (rows, cols).  The memory
+    guard counts what a draw keeps once the first is made and before the others
+    are: a rank-1 draw its two vectors, a diagonal its one, a generic draw its
+    dense matrix (summed draw by draw, each may be materialised)."""
+    with low.draws(n, 0, what, call.pos):
+        first = low.lower(call.args[0], rows, cols, key + (low.index(call), 0))
+    with low.draws(n, draw_entries(first), what, call.pos):
+        rest = tuple(low.lower(call.args[0], rows, cols, key + (low.index(call), j)) for j in range(1, n))
+    return (first,) + rest
 
 
 def _is_fast_basis(low, arg) -> bool:
@@ -221,8 +234,7 @@ def _tile(low, call, args, rows, cols, key):
     if cols % n:
         raise ShapeError(f"tile(n={n}) needs a number of columns divisible by {n}, got {cols}",
                          pos=call.pos, hint=f"use {cols - cols % n} or {cols - cols % n + n} outputs")
-    with low.draws(n, rows * (cols // n), f"tile(n={n}) of {rows}x{cols // n} terms", call.pos):
-        draws = tuple(low.lower(call.args[0], rows, cols // n, key + (low.index(call), j)) for j in range(n))
+    draws = _draws(low, call, n, rows, cols // n, key, f"tile(n={n}) of {rows}x{cols // n} terms")
     if isinstance(draws[0], fx.FixedLeaf) and draws[0].stack == "linear" and not isinstance(draws[0], fx.TiledLeaf):
         return fx.TiledLeaf((rows, cols), kind="tile", key=_auto_key(low, call, key).replace("tile", "T"),
                             draws=draws)
@@ -236,37 +248,6 @@ def _tile_hint(low, call):
     return Hint(h.rows, cols)
 
 
-def _kron(low, call, args, rows, cols, key):
-    a, b = call.args
-    ha, hb = low.hint(a), low.hint(b)
-    if ha.rows and ha.cols:
-        (ra, ca) = ha.rows, ha.cols
-        if rows % ra or cols % ca:
-            raise ShapeError(f"kron: ({rows}, {cols}) is not a multiple of the first factor's ({ra}, {ca})",
-                             pos=call.pos)
-        rb, cb = rows // ra, cols // ca
-    elif hb.rows and hb.cols:
-        rb, cb = hb.rows, hb.cols
-        if rows % rb or cols % cb:
-            raise ShapeError(f"kron: ({rows}, {cols}) is not a multiple of the second factor's ({rb}, {cb})",
-                             pos=call.pos)
-        ra, ca = rows // rb, cols // cb
-    else:
-        raise ShapeError("kron needs one factor whose shape is known", pos=call.pos,
-                         hint="e.g. kron(DCT2(h=4, w=4), dense) or kron(dense, DCT2(h=2, w=2))")
-    return ir.Kron((rows, cols), a=low.lower(a, ra, ca, key + (low.index(call), 0)),
-                   b=low.lower(b, rb, cb, key + (low.index(call), 1)))
-
-
-def _kron_hint(low, call):
-    if len(call.args) != 2:
-        return Hint()
-    ha, hb = low.hint(call.args[0]), low.hint(call.args[1])
-    if None in (ha.rows, ha.cols, hb.rows, hb.cols):
-        return Hint()
-    return Hint(ha.rows * hb.rows, ha.cols * hb.cols)
-
-
 def _sum_hint(low, call):
     return low.hint(call.args[0]) if call.args else Hint()
 
@@ -277,6 +258,5 @@ for _s in (
     Structure("lowrank", _lowrank, required=("r",), size="r"),
     Structure("sum", _sum, required=("n",), positional=1, size="n", hint=_sum_hint),
     Structure("tile", _tile, required=("n",), positional=1, hint=_tile_hint),
-    Structure("kron", _kron, positional=2, hint=_kron_hint),
 ):
     register(_s)

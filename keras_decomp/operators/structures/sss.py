@@ -37,6 +37,15 @@ So
 (the authors' reference code budgets d (n_k + m_k) twice at every stage, these
 four empty matrices included as if full).
 
+Storage and apply: the stage matrices of one letter and one shape are stacked in
+one array ``<key>.<letter><first stage>`` of shape (stages, rows, cols), so a
+layer holds 7 variables when p divides n and m (a stack breaks where the blocks
+shrink by one otherwise; ``stage(values, letter, k)`` reads one matrix).  ``apply``
+lays x out as p equal blocks (blocks.py pads the smaller ones with a zero, exact),
+runs one batched product per letter and steps only the d x d state recursions
+stage by stage, the causal and the anticausal one side by side: an SSS layer with
+p = 16 is about 60 graph ops (forward, TensorFlow), not one op per stage matrix.
+
 ``approximate`` fits an SSS node to a dense W by a Hankel-block SVD per stage
 boundary (balanced, truncated to d); it is exact when d is at least every
 Hankel rank.  ``SSS.solve_block`` is the exact least-squares update of one
@@ -62,22 +71,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import ShapeError
-from ..ir import Node
+from ..cost import Cost
+from ..ir import Node, _static_batch
+from .blocks import block_sizes, from_blocks, offsets as _offsets, padded_stack, to_blocks
 from .registry import Structure, register
+from .scan import SCANS, scan_costs
 
-
-def block_sizes(total: int, p: int) -> tuple[int, ...]:
-    """``total`` split into ``p`` near-equal blocks, the first ``total mod p`` one larger.
-
-    >>> block_sizes(10, 4)
-    (3, 3, 2, 2)
-    """
-    base, extra = divmod(total, p)
-    return tuple(base + (k < extra) for k in range(p))
-
-
-def _offsets(sizes) -> tuple[int, ...]:
-    return tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)]))
+LETTERS = "ABCDEFG"
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,12 @@ class SSS(Node):
         return block_sizes(self.shape[1], self.p)
 
     def name(self, letter: str, k: int) -> str:
-        """The key of stage k's matrix ``letter`` (one of A..G)."""
-        return f"{self.key}.{letter}{k}"
+        """The key of the stacked array that holds stage k's matrix ``letter`` (A..G)."""
+        start = next(a for a, b in self.runs(letter) if a <= k < b)
+        return f"{self.key}.{letter}{start}"
 
     def stage_shapes(self, k: int) -> dict[str, tuple[int, int]]:
-        """Stage k's trainable arrays: letter -> shape."""
+        """Stage k's matrices: letter -> shape."""
         n, m, d, last = self.in_sizes[k], self.out_sizes[k], self.d, self.p - 1
         shapes = {"D": (n, m)}
         if k < last:
@@ -119,11 +120,46 @@ class SSS(Node):
             shapes.update(A=(d, d), E=(d, d))
         return shapes
 
+    def runs(self, letter: str) -> tuple[tuple[int, int], ...]:
+        """The stage ranges [start, stop) whose matrices ``letter`` have one shape and
+        are stored stacked, as one array of shape (stop - start, rows, cols): one
+        range when p divides n and m, at most three for D otherwise (the first
+        n mod p input blocks and m mod p output blocks are one larger)."""
+        lo, hi = {"D": (0, self.p), "B": (0, self.p - 1), "G": (0, self.p - 1), "C": (1, self.p),
+                  "F": (1, self.p), "A": (1, self.p - 1), "E": (1, self.p - 1)}[letter]
+        cuts = {lo, hi}
+        if letter in "DBF":
+            cuts.add(self.shape[0] % self.p)
+        if letter in "DCG":
+            cuts.add(self.shape[1] % self.p)
+        edges = sorted(c for c in cuts if lo <= c <= hi)
+        return tuple((a, b) for a, b in zip(edges, edges[1:]) if a < b)
+
     def own_params(self):
-        return {self.name(letter, k): shape for k in range(self.p)
-                for letter, shape in sorted(self.stage_shapes(k).items())}
+        # ordered by first stage, then letter: alternating least squares sweeps them in this order
+        runs = sorted((a, letter, b) for letter in LETTERS for a, b in self.runs(letter))
+        return {f"{self.key}.{letter}{a}": (b - a,) + self.stage_shapes(a)[letter] for a, letter, b in runs}
 
     # ---- values -----------------------------------------------------------------
+    def stage(self, values, letter: str, k: int):
+        """Stage k's matrix ``letter`` from the stacked ``values``."""
+        start = next(a for a, b in self.runs(letter) if a <= k < b)
+        return values[f"{self.key}.{letter}{start}"][k - start]
+
+    def stacked(self, stages: dict) -> dict:
+        """Stacked values from per-stage matrices {(letter, k): array} (numpy)."""
+        return {f"{self.key}.{letter}{a}": np.stack([np.asarray(stages[letter, k]) for k in range(a, b)])
+                for letter in LETTERS for a, b in self.runs(letter)}
+
+    def legacy_params(self) -> dict:
+        """keras_decomp 0.1's layout, one array per stage matrix (``<key>.<letter><k>``),
+        in its order: files saved by it load through ``from_legacy``."""
+        return {f"{self.key}.{letter}{k}": shape for k in range(self.p)
+                for letter, shape in sorted(self.stage_shapes(k).items())}
+
+    def from_legacy(self, arrays) -> dict:
+        return self.stacked({(k[len(self.key) + 1], int(k[len(self.key) + 2:])): arrays[k] for k in self.legacy_params()})
+
     def own_init(self, rng):
         """D like a glorot-uniform dense kernel; A and E orthogonal (the recurrent
         kernels of a linear RNN: the state keeps its norm from stage to stage);
@@ -142,16 +178,13 @@ class SSS(Node):
                     value = _orthogonal(rng, self.d)
                 else:
                     value = rng.normal(0.0, std, shape)
-                out[self.name(letter, k)] = value
-        return out
-
-    def _get(self, v, letter, k):
-        return v[self.name(letter, k)]
+                out[letter, k] = value
+        return self.stacked(out)
 
     def materialize(self, v, xp):
         """W column block by column block: [R_j C_j; D_j; L_j G_j], where R_j stacks
         B_i A_{i+1}..A_{j-1} over i < j and L_j stacks F_i E_{i-1}..E_{j+1} over i > j."""
-        p, get = self.p, functools.partial(self._get, v)
+        p, get = self.p, functools.partial(self.stage, v)
         if p == 1:
             return get("D", 0)
         reach = [None] * p  # reach[j] = R_j, (n_0 + .. + n_{j-1}, d)
@@ -173,26 +206,39 @@ class SSS(Node):
         return xp.concatenate(columns, axis=1)
 
     def apply(self, x, v, xp):
-        """x W by the causal forward and the anticausal backward recursion."""
-        p, get = self.p, functools.partial(self._get, v)
-        offsets = _offsets(self.in_sizes)
-        xs = [x[:, offsets[k]:offsets[k + 1]] for k in range(p)]
-        ys = [xp.matmul(xs[k], get("D", k)) for k in range(p)]
-        h = None
-        for k in range(p - 1):  # h leaves stage k towards stage k + 1
-            ys[k] = ys[k] if h is None else ys[k] + xp.matmul(h, get("C", k))
-            step = xp.matmul(xs[k], get("B", k))
-            h = step if h is None else xp.matmul(h, get("A", k)) + step
+        """x W with every stage product batched: x cut into p equal blocks (the
+        smaller ones padded with a zero), one batched product per kind of stage
+        matrix, and only the d x d state recursions stage by stage (the causal
+        and the anticausal one side by side, one batched product per step)."""
+        p = self.p
+        xs = to_blocks(x, p, xp)  # (p, batch, n_k)
+        y = xp.matmul(xs, self._equal(v, "D", xp))  # (p, batch, m_k)
         if p > 1:
-            ys[p - 1] = ys[p - 1] + xp.matmul(h, get("C", p - 1))
-        g = None
-        for k in range(p - 1, 0, -1):  # g leaves stage k towards stage k - 1
-            ys[k] = ys[k] if g is None else ys[k] + xp.matmul(g, get("G", k))
-            step = xp.matmul(xs[k], get("F", k))
-            g = step if g is None else xp.matmul(g, get("E", k)) + step
-        if p > 1:
-            ys[0] = ys[0] + xp.matmul(g, get("G", 0))
-        return ys[0] if p == 1 else xp.concatenate(ys, axis=1)
+            forward = xp.matmul(xs[:-1], self._equal(v, "B", xp))  # x_k B_k, k < p-1
+            backward = xp.matmul(xs[1:], self._equal(v, "F", xp))  # x_k F_k, k > 0
+            # step t carries h_{t+1} (causal) and g_{p-2-t} (anticausal) together
+            A, E = (self._equal(v, "A", xp), xp.flip(self._equal(v, "E", xp), axis=0)) if p > 2 else (None, None)
+            d = self.d
+            if p > 2 and self.scan(_static_batch(x)) == "doubling":
+                states = SCANS["doubling"](xp.stack([forward, xp.flip(backward, axis=0)], axis=1),
+                                           None if A is None else xp.stack([A, E], axis=1), xp)
+                h, g = states[:, 0], states[:, 1]  # (p-1, batch, d) each
+            else:  # one (batch, 2d) state, block-diagonal moves: plain 2-D products, far cheaper per
+                # op in TensorFlow than tiny batched ones
+                moves = None if A is None else xp.concatenate(
+                    [xp.pad(A, [[0, 0], [0, 0], [0, d]]), xp.pad(E, [[0, 0], [0, 0], [d, 0]])], axis=1)
+                states = SCANS["steps"](xp.concatenate([forward, xp.flip(backward, axis=0)], axis=-1), moves, xp)
+                h, g = states[:, :, :d], states[:, :, d:]
+            causal = xp.matmul(h, self._equal(v, "C", xp))  # into stages 1..p-1
+            anti = xp.matmul(xp.flip(g, axis=0), self._equal(v, "G", xp))  # into 0..p-2
+            y = y + xp.pad(causal, [[1, 0], [0, 0], [0, 0]]) + xp.pad(anti, [[0, 1], [0, 0], [0, 0]])
+        return from_blocks(y, self.shape[1], xp)
+
+    def _equal(self, v, letter, xp):
+        """Stage matrices ``letter`` as one (stages, rows, cols) stack, the smaller padded."""
+        rows = -(-self.shape[0] // self.p) if letter in "DBF" else self.d
+        cols = -(-self.shape[1] // self.p) if letter in "DCG" else self.d
+        return padded_stack([v[f"{self.key}.{letter}{a}"] for a, _ in self.runs(letter)], rows, cols, xp)
 
     # ---- structure and costs ------------------------------------------------------
     def degree(self, keys) -> int:
@@ -209,35 +255,71 @@ class SSS(Node):
         return best
 
     def solve_block(self, target, key: str, values) -> dict:
-        """argmin ||target - W||_F over the one stage matrix ``key``, the others
-        fixed (numpy): each appears in W between two stacks, so the
-        least-squares problem is small; alternating least squares over the
-        stage matrices needs nothing else."""
-        letter, k = key[len(self.key) + 1], int(key[len(self.key) + 2:])
+        """argmin ||target - W||_F over the stage matrices stacked under ``key``, the
+        others fixed (numpy), one stage after the other (a sweep of alternating
+        least squares): each appears in W between two stacks, so every
+        least-squares problem is small."""
+        letter, start = key[len(self.key) + 1], int(key[len(self.key) + 2:])
+        stack = np.array(values[key], dtype=np.float64)
+        current = {**values, key: stack}
+        for k in range(start, start + len(stack)):
+            stack[k - start] = self._solve_stage(target, letter, k, current)
+        return {key: stack}
+
+    def _solve_stage(self, target, letter: str, k: int, values):
         ri, ro = _offsets(self.in_sizes), _offsets(self.out_sizes)
         reach, observe, back, observe_back = _stacks(self, values)
         rows, cols = slice(ri[k], ri[k + 1]), slice(ro[k], ro[k + 1])
         if letter == "D":
-            return {key: target[rows, cols].copy()}
+            return target[rows, cols]
         if letter == "B":  # W[k, >k] = B_k O_{k+1}
-            return {key: _solve(None, target[rows, ro[k + 1]:], observe[k + 1])}
+            return _solve(None, target[rows, ro[k + 1]:], observe[k + 1])
         if letter == "C":  # W[<k, k] = R_k C_k
-            return {key: _solve(reach[k], target[:ri[k], cols], None)}
+            return _solve(reach[k], target[:ri[k], cols], None)
         if letter == "A":  # W[<k, >k] = R_k A_k O_{k+1}
-            return {key: _solve(reach[k], target[:ri[k], ro[k + 1]:], observe[k + 1])}
+            return _solve(reach[k], target[:ri[k], ro[k + 1]:], observe[k + 1])
         if letter == "F":  # W[k, <k] = F_k P_{k-1}
-            return {key: _solve(None, target[rows, :ro[k]], observe_back[k - 1])}
+            return _solve(None, target[rows, :ro[k]], observe_back[k - 1])
         if letter == "G":  # W[>k, k] = L_k G_k
-            return {key: _solve(back[k], target[ri[k + 1]:, cols], None)}
+            return _solve(back[k], target[ri[k + 1]:, cols], None)
         # E: W[>k, <k] = L_k E_k P_{k-1}
-        return {key: _solve(back[k], target[ri[k + 1]:, :ro[k]], observe_back[k - 1])}
+        return _solve(back[k], target[ri[k + 1]:, :ro[k]], observe_back[k - 1])
 
     def apply_cost(self, batch):
-        """Every parameter takes part in one multiply-add per row, plus the
-        additions that merge states and output parts."""
+        """The batched apply: every padded stage matrix takes part in one
+        multiply-add per row, plus the additions that merge states and outputs,
+        plus the state recursion by the scan ``scan`` picks."""
         p, d = self.p, self.d
-        adds = 2 * max(p - 2, 0) * d + (2 * self.shape[1] - self.out_sizes[0] - self.out_sizes[-1] if p > 1 else 0)
-        return 2 * batch * self.num_params + batch * adds
+        rows, cols = -(-self.shape[0] // p), -(-self.shape[1] // p)
+        macs, adds = p * rows * cols, 0
+        if p > 1:
+            macs += 2 * (p - 1) * d * (rows + cols)
+            adds = 2 * p * cols
+        return batch * (2 * macs + adds) + (self.scans(batch)[self.scan(batch)].flops if p > 2 else 0)
+
+    def scans(self, batch: int) -> dict:
+        """The work of the state recursions (p - 1 steps, both directions) by each way
+        of running them (scan.py): "steps" or "doubling"."""
+        return scan_costs(self.p - 1, self.d, batch, directions=2)
+
+    def scan(self, batch: int) -> str:
+        """"steps" or "doubling", whichever ``scans`` says takes less time (ties: steps)."""
+        if self.p <= 3:
+            return "steps"
+        work = self.scans(batch)
+        return "doubling" if work["doubling"].seconds() < work["steps"].seconds() else "steps"
+
+    def apply_work(self, batch):
+        """The batched apply's ops: a fixed handful, the recursion's (``scans``) and a few
+        more to pad uneven blocks."""
+        p, d, (n, m) = self.p, self.d, self.shape
+        ops = 5 if p == 1 else 20 + (self.scans(batch)[self.scan(batch)].ops if p > 2 else 0)
+        ops += 4 * bool(n % p) + 3 * bool(m % p)
+        return Cost(self.apply_cost(batch), self.stored() + batch * (2 * n + 4 * m + 8 * p * d), ops)
+
+    def build_work(self):
+        """materialize's ops: a few per stage (products, stacks), one concatenation per column."""
+        return Cost(self.build_cost(), self.stored() + 3 * math.prod(self.shape), 8 * self.p)
 
     def build_cost(self):
         d, n, outs, ri = self.d, self.shape[0], self.out_sizes, _offsets(self.in_sizes)
@@ -257,7 +339,7 @@ def _stacks(node: SSS, values):
     L_k (inputs > k -> backward state) and P_k (backward state -> outputs <= k).
     W[<k, >=k] = R_k O_k and W[>k, <=k] = L_k P_k."""
     p = node.p
-    get = functools.partial(node._get, values)
+    get = functools.partial(node.stage, values)
     reach, observe, back, observe_back = [None] * p, [None] * p, [None] * p, [None] * p
     for k in range(1, p):
         reach[k] = get("B", 0) if k == 1 else np.concatenate([reach[k - 1] @ get("A", k - 1), get("B", k - 1)])
