@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import keras_decomp  # noqa: E402
 from keras_decomp.export import latency  # noqa: E402
 from keras_decomp.training.data import load  # noqa: E402
-from vit_compress import accuracy, compile_, matched_kernels  # noqa: E402  (this folder is on sys.path)
+from vit_compress import accuracy, compile_, matched_kernels, tune_and_reload  # noqa: E402  (this folder is on sys.path)
 
 PATTERNS = ("*_expand", "*project", "Conv_1", "predictions")  # the 1x1 convolutions and the classifier
 
@@ -134,12 +134,7 @@ def main(argv=None):
         if statistics is not None:
             keras_decomp.recalibrate_batchnorm(small, statistics)
             recalibrated = accuracy(small, test)
-        compile_(small, 5e-4)
-        small.fit(train, epochs=args.fine_tune_epochs, verbose=0)
-        with tempfile.TemporaryDirectory() as folder:  # the saved model is the one exported
-            small.save(f"{folder}/m.keras")
-            back = keras_decomp.load_model(f"{folder}/m.keras")
-        same = float(np.abs(np.asarray(back(check)) - np.asarray(small(check))).max())
+        back, same = tune_and_reload(small, train, args.fine_tune_epochs, check)
         rows.append((f"{method} {fraction:g}", decomposed, recalibrated, same, accuracy(back, test), back,
                      expression))
         print(f"{rows[-1][0]}: decomposed {decomposed:.4f}, BN re-estimated {recalibrated}, fine-tuned "

@@ -81,6 +81,17 @@ def accuracy(model, test):
     return float(model.evaluate(test, verbose=0)[1])
 
 
+def tune_and_reload(small, train, epochs, check):
+    """Fine-tune ``small`` for ``epochs`` (Adam 5e-4), save it and load it back with
+    keras_decomp.load_model: (the loaded model, the max |output difference| on ``check``)."""
+    compile_(small, 5e-4)
+    small.fit(train, epochs=epochs, verbose=0)
+    with tempfile.TemporaryDirectory() as folder:  # the saved model is the one exported
+        small.save(f"{folder}/m.keras")
+        back = keras_decomp.load_model(f"{folder}/m.keras")
+    return back, float(np.abs(np.asarray(back(check)) - np.asarray(small(check))).max())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="bundled", choices=("bundled", "full", "auto"))
@@ -119,13 +130,7 @@ def main(argv=None):
         small = keras_decomp.decompose(dense, {p: expression for p in PATTERNS},
                                        budget=fraction if method == "budget" else None)
         before = accuracy(small, test)
-        compile_(small, 5e-4)
-        small.fit(train, epochs=args.fine_tune_epochs, verbose=0)
-        with tempfile.TemporaryDirectory() as folder:  # the saved model is the one exported
-            small.save(f"{folder}/m.keras")
-            back = keras_decomp.load_model(f"{folder}/m.keras")
-        x = images(data, 64)
-        same = float(np.abs(np.asarray(back(x)) - np.asarray(small(x))).max())
+        back, same = tune_and_reload(small, train, args.fine_tune_epochs, images(data, 64))
         rows.append((f"{method} {fraction:g}", expression, before, accuracy(back, test), back))
         print(f"{rows[-1][0]}: {before:.4f} -> {rows[-1][3]:.4f}; reloaded max diff {same:.1e}; "
               f"{time.time() - start:.0f} s", flush=True)
