@@ -106,7 +106,7 @@ def main() -> None:
 
     # --- 5. keras.applications MobileNetV2: its 1x1 convolutions and classifier ------------
     mobile = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
-    compressed = keras_decomp.decompose(mobile, {"block_*_project": "lowrank(params=0.5)",
+    compressed = keras_decomp.decompose(mobile, {"*_project": "lowrank(params=0.5)",  # expanded_conv_project too
                                                  "block_*_expand": "lowrank(params=0.5)",
                                                  "Conv_1": "lowrank(params=0.5)", "predictions": "lowrank(r=8)"})
     colour = np.random.default_rng(0).random((4, 32, 32, 3)).astype("float32")
