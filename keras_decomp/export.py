@@ -9,8 +9,10 @@ Per decomposed layer, ``mode`` picks the form written to the file:
   dense kernel; ``stored_entries`` predicts what the file keeps, sub-products
   that are cheaper materialised (and a transpose, which has no apply of its
   own) included;
-- "auto": per layer, the form whose file keeps fewer numbers, ties broken by
-  FLOPs at batch 1.
+- "auto": per layer, with ``prefer="size"`` (the default: free and the same on
+  every machine) the form whose file keeps fewer numbers, ties broken by FLOPs
+  at batch 1; with ``prefer="speed"`` the form whose one-layer file runs faster
+  at batch 1 here (each layer exported both ways and timed: seconds per layer).
 A TFLite file is traced at batch 1 (the sub-products' forms are chosen for one
 row, as ``stored_entries`` assumes), runs in the LiteRT interpreter and is
 compared with the Keras model; a SavedModel keeps a dynamic batch and is
@@ -34,6 +36,7 @@ from .operators.structures.kron import Kron
 from .operators.structures.basic import SumOf
 
 MODES = ("folded", "factored", "auto")
+PREFER = ("size", "speed")
 QUANTIZE = (None, "dynamic", "int8")
 
 
@@ -127,7 +130,7 @@ def _decomposed(model):
     return [(relative_path(model, layer), layer) for layer, _, _ in walk(model) if isinstance(layer, _Decomposed)]
 
 
-def choose_forms(model, mode: str) -> dict[str, str]:
+def choose_forms(model, mode: str, prefer: str = "size") -> dict[str, str]:
     """layer path -> "folded" or "factored" for every decomposed layer, at any depth.
 
     >>> import keras
@@ -141,6 +144,9 @@ def choose_forms(model, mode: str) -> dict[str, str]:
         raise DecompError(f"mode must be one of {MODES}, got {mode!r}",
                           hint="folded: W as one constant; factored: the factors kept; "
                                "auto: per layer, whichever keeps fewer numbers")
+    if prefer not in PREFER:
+        raise DecompError(f"prefer must be one of {PREFER}, got {prefer!r}",
+                          hint="size: fewer stored numbers; speed: the faster file at batch 1, measured")
     forms = {}
     for path, layer in _decomposed(model):
         if mode != "auto":
@@ -148,12 +154,30 @@ def choose_forms(model, mode: str) -> dict[str, str]:
             continue
         node = layer.node
         folded, factored = math.prod(node.shape), layer_entries(layer)
-        if factored != folded:
+        if prefer == "speed":
+            forms[path] = _faster_form(layer)
+        elif factored != folded:
             forms[path] = "factored" if factored < folded else "folded"
         else:
             cheaper = node.flops(1, "apply") < node.flops(1, "materialize")
             forms[path] = "factored" if cheaper else "folded"
     return forms
+
+
+def _faster_form(layer) -> str:
+    """"folded" or "factored": the one whose TFLite file of ``layer`` alone runs faster
+    at batch 1 on this machine (unknown input sizes taken as 1)."""
+    import keras
+
+    shape = (1,) + tuple(d or 1 for d in _input_shape(layer)[1:])
+    copy = type(layer).from_config(layer.get_config())  # its own path: forms are keyed by path
+    alone = keras.Sequential([keras.Input(batch_shape=shape), copy])
+    copy.set_weights(layer.get_weights())
+    x = np.random.default_rng(0).random(shape).astype("float32")
+    with tempfile.TemporaryDirectory() as folder:
+        seconds = {form: latency(export(alone, f"{folder}/{form}.tflite", mode=form, check=False)["path"], x, runs=50)
+                   for form in ("folded", "factored")}
+    return min(seconds, key=seconds.get)
 
 
 def inference_model(model, forms: dict[str, str]):
@@ -184,14 +208,15 @@ def training_only(layer) -> bool:
 
 
 def export(model, path, format: str = "tflite", mode: str = "auto", quantize: str | None = None,
-           representative_data=None, sample=None, check: bool = True, labels=None) -> dict:
+           representative_data=None, sample=None, check: bool = True, labels=None, prefer: str = "size") -> dict:
     """Write ``model`` as a SavedModel folder or a ``.tflite`` file; check it.
 
     ``sample``: inputs to compare on (default: 32 random inputs); ``labels``:
     their classes, to report both models' accuracy; ``representative_data``:
     inputs for full int8 calibration.  Returns a report: path, bytes, forms
     per layer, parameters stored, and where checked, max abs difference, top-1
-    agreement and batch-1 latency.  A TFLite file is traced at batch 1.
+    agreement and batch-1 latency.  A TFLite file is traced at batch 1.  ``prefer``
+    ("size" or "speed") is what ``mode="auto"`` chooses by (see the module's text).
 
     >>> import keras, tempfile
     >>> from keras_decomp.layers import Dense
@@ -213,11 +238,11 @@ def export(model, path, format: str = "tflite", mode: str = "auto", quantize: st
                           hint="pass e.g. 300 training inputs, or use quantize='dynamic'")
     if quantize and format == "saved_model":
         raise DecompError("quantization applies to TFLite files only", hint="use format='tflite'")
-    forms = choose_forms(model, mode)
+    forms = choose_forms(model, mode, prefer)
     prepared = inference_model(model, forms)
     path = Path(path)
     sample = _sample(model, sample)
-    report = {"path": str(path), "format": format, "mode": mode, "quantize": quantize, "forms": forms,
+    report = {"path": str(path), "format": format, "mode": mode, "prefer": prefer, "quantize": quantize, "forms": forms,
               "parameters_stored": _stored(forms, model, format)}
     if format == "saved_model":
         prepared.export(str(path), format="tf_saved_model", verbose=False)

@@ -383,3 +383,35 @@ def test_train_exports_the_default_spec(tmp_path, capsys):
     tail = printed.rstrip().splitlines()[-6:]  # the run ends with the export report
     assert tail[0] == f"export (tflite; also in {out}/report.json):"
     assert tail[-1].startswith("  batch-1 latency")
+
+
+# ---- mode="auto", prefer="speed": each layer's two forms exported alone and timed ---------------
+
+def test_prefer_speed_picks_the_measured_faster_form_where_size_disagrees(tmp_path):
+    # "big": a 2048 x 2048 rank-2 layer, factored reads 8,192 numbers, folded 4.2 million (16 MiB):
+    # factored is the smaller and, by a wide margin, the faster file.  "chain": sss(p=16, d=1) on
+    # 32 x 32 keeps fewer numbers than its 1,024-entry kernel, so size picks factored, but its file
+    # runs dozens of operators where the folded one runs one small matmul.
+    from keras_decomp.export import latency, layer_entries
+    model = keras.Sequential([keras.Input((2048,)), Dense(2048, W="lowrank(r=2)", name="big"),
+                              Dense(32, W="lowrank(r=32)", name="squeeze"),
+                              Dense(32, W="sss(p=16, d=1)", name="chain")])
+    chain = model.get_layer("chain")
+    assert layer_entries(chain) < 32 * 32
+    assert choose_forms(model, "auto") == {"big": "factored", "squeeze": "folded", "chain": "factored"}
+    forms = choose_forms(model, "auto", prefer="speed")
+    assert forms["big"] == "factored" and forms["chain"] == "folded"
+    # the measurement behind the choice, made again independently: the chain alone, both forms
+    alone = keras.Sequential([keras.Input(batch_shape=(1, 32)), Dense(32, W="sss(p=16, d=1)")])
+    x = np.ones((1, 32), "float32")
+    seconds = {}
+    for form in ("folded", "factored"):
+        path = export(alone, tmp_path / f"{form}.tflite", mode=form, check=False)["path"]
+        seconds[form] = latency(path, x, runs=50)
+    assert seconds["folded"] < seconds["factored"], seconds
+
+
+def test_prefer_must_be_size_or_speed():
+    model = keras.Sequential([keras.Input((8,)), Dense(8, W="lowrank(r=2)", name="low")])
+    with pytest.raises(DecompError, match=r"prefer must be one of \('size', 'speed'\), got 'fast'"):
+        choose_forms(model, "auto", prefer="fast")

@@ -3,7 +3,7 @@
     keras-decomp parse "W = sum(G, n=8) | dense" --in 784 --out 10 [--param k=100] [--seed 0]
     keras-decomp train SPEC.yaml [--data full|bundled|auto] [--epochs N] [--seed N] [--out DIR] [--resume]
                        [--distribute mirrored|multi-worker] [--allow-files-outside]
-    keras-decomp export MODEL.keras --tflite OUT.tflite [--mode auto] [--quantize dynamic]
+    keras-decomp export MODEL.keras --tflite OUT.tflite [--mode auto] [--prefer size] [--quantize dynamic]
     keras-decomp compress MODEL.keras --layer PATTERN="EXPR" [--layer ...] [--budget 0.25] --out NEW.keras
                           [--data bundled] [--calibrate 1000] [--epochs 1 [--distill]] [--quiet]
     keras-decomp prune MODEL.keras --sparsity 0.9 [--method trifactor] [--fine-tune-epochs N] --out NEW.keras
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=("folded", "factored", "auto"), default="auto",
                    help="per decomposed layer: W as one constant (folded), the factors kept (factored), "
                         "or whichever stores fewer bytes (auto, the default)")
+    e.add_argument("--prefer", choices=("size", "speed"), default="size",
+                   help="what --mode auto chooses by: fewer stored numbers (size, the default) or the faster "
+                        "file at batch 1, each layer exported both ways and timed here (speed)")
     e.add_argument("--quantize", choices=("dynamic", "int8"), default=None,
                    help="TFLite only: int8 weights (dynamic), or int8 weights and activations (int8, needs --data)")
     e.add_argument("--data", choices=("auto", "bundled", "full"), default=None,
@@ -272,7 +275,7 @@ def _export(args) -> int:
         sample, labels, calibration = _export_inputs(data)
     for fmt, path in targets:
         if path:
-            report = export(model, path, format=fmt, mode=args.mode,
+            report = export(model, path, format=fmt, mode=args.mode, prefer=args.prefer,
                             quantize=args.quantize if fmt == "tflite" else None, sample=sample, labels=labels,
                             representative_data=calibration)
             print(format_report(report))
