@@ -361,7 +361,7 @@ def _check_saved_model(path, model, sample, labels=None) -> dict:
 
 
 def export_from_spec(model, section: dict, out, sample=None, representative_data=None, labels=None) -> dict:
-    """The spec's ``export:`` section ({tflite: {mode, quantize}, saved_model: {mode}})
+    """The spec's ``export:`` section ({tflite: {mode, quantize, prefer}, saved_model: {mode}})
     written under ``out``; returns the reports by format."""
     reports = {}
     for fmt, options in section.items():

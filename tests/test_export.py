@@ -415,3 +415,21 @@ def test_prefer_must_be_size_or_speed():
     model = keras.Sequential([keras.Input((8,)), Dense(8, W="lowrank(r=2)", name="low")])
     with pytest.raises(DecompError, match=r"prefer must be one of \('size', 'speed'\), got 'fast'"):
         choose_forms(model, "auto", prefer="fast")
+
+
+def test_prefer_in_a_spec_is_checked_and_located():
+    from keras_decomp.errors import SpecError
+    from keras_decomp.training.specs import load_spec
+    base = ("name: p\ninput: {shape: [8]}\nlayers:\n  - Dense: {units: 4, W: \"lowrank(r=2)\"}\n"
+            "data: {name: fashion_mnist}\n")
+    assert load_spec(base + "export: {tflite: {mode: auto, prefer: speed}}\n").export == {
+        "tflite": {"mode": "auto", "prefer": "speed"}}
+    with pytest.raises(SpecError, match=r":6 .*export\.tflite\.prefer: must be size or speed, got 'fast'"):
+        load_spec(base + "export: {tflite: {mode: auto, prefer: fast}}\n")
+
+
+def test_cli_export_prefer_speed(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_layer("lowrank(r=2)", 8, 4).save("m.keras")
+    assert main(["export", "m.keras", "--tflite", "m.tflite", "--prefer", "speed"]) == 0
+    assert "forms: " in capsys.readouterr().out and (tmp_path / "m.tflite").is_file()

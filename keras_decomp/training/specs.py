@@ -235,11 +235,13 @@ def _check_export(spec, export) -> None:
             continue
         if not isinstance(options, dict):
             raise spec.error(f"export.{fmt}", "must be a mapping such as {mode: auto}")
-        _known_keys(spec, options, f"export.{fmt}", ("mode", "quantize") if fmt == "tflite" else ("mode",))
+        _known_keys(spec, options, f"export.{fmt}", ("mode", "quantize", "prefer") if fmt == "tflite" else ("mode",))
         if options.get("mode", "auto") not in ("folded", "factored", "auto"):
             raise spec.error(f"export.{fmt}.mode", f"must be folded, factored or auto, got {options['mode']!r}")
         if options.get("quantize") not in (None, "dynamic", "int8"):
             raise spec.error(f"export.{fmt}.quantize", f"must be dynamic or int8, got {options['quantize']!r}")
+        if options.get("prefer", "size") not in ("size", "speed"):
+            raise spec.error(f"export.{fmt}.prefer", f"must be size or speed, got {options['prefer']!r}")
 
 
 def _check_fixed(spec, fixed, folder, allow_outside=False) -> dict:
