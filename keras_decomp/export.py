@@ -152,11 +152,12 @@ def choose_forms(model, mode: str, prefer: str = "size") -> dict[str, str]:
         if mode != "auto":
             forms[path] = mode
             continue
-        node = layer.node
-        folded, factored = math.prod(node.shape), layer_entries(layer)
         if prefer == "speed":
             forms[path] = _faster_form(layer)
-        elif factored != folded:
+            continue
+        node = layer.node
+        folded, factored = math.prod(node.shape), layer_entries(layer)
+        if factored != folded:
             forms[path] = "factored" if factored < folded else "folded"
         else:
             cheaper = node.flops(1, "apply") < node.flops(1, "materialize")
