@@ -5,8 +5,11 @@ two hidden layers; LeNet's conv2 and fc1) are replaced by every family at a frac
 parameters, fitted to the trained kernels
 
 - in the weight norm ||W - E||_F (``decompose(model, {...})``), and
-- in the data norm ||X (W - E)||_F over the inputs of ``--calibrate`` training images, layer after
-  layer on the compressed model's activations (``decompose(model, {...}, data=images)``);
+- in the data norm over the inputs of ``--calibrate`` training images, layer after layer
+  (``decompose(model, {...}, data=images)``): by default ``--calibration asymmetric``,
+  ||X W - Z E||_F with Z the compressed model's inputs and X the original's; ``sequential``,
+  ||Z (W - E)||_F (the tables of BENCHMARKS.md before 2026-12-07); ``--center`` for centred fits
+  with bias correction;
 
 then the calibrated model is fine-tuned for one epoch with the labels only, and, from the same
 start, by distillation from the dense model (``fine_tune``); the same structured model is also
@@ -47,7 +50,7 @@ FAMILIES = {  # family -> expression for a (n, m) kernel at a fraction f of its 
 }
 COLUMNS = ["model", "family", "fraction", "params_compressed", "params_dense_layers", "dense", "weight_only",
            "calibrated", "weight_error", "data_error", "labels_1ep", "distill_1ep", "scratch", "scratch_epochs",
-           "fit_seconds"]
+           "fit_seconds", "calibration"]  # the last: decompose's mode (+centred), absent from older files
 
 
 def mlp(expressions=None, seed=0):
@@ -151,7 +154,8 @@ def _one(args, build, dense, expressions, calibration, train, test, decompose, f
     weight_only = accuracy(weight, *test)
     report, data_report = {}, {}
     t = time.time()
-    calibrated = decompose(dense, expressions, data=calibration, report=report, data_report=data_report)
+    calibrated = decompose(dense, expressions, data=calibration, calibration=args.calibration, center=args.center,
+                           report=report, data_report=data_report)
     fit_seconds = time.time() - t
     calibrated_acc = accuracy(calibrated, *test)
     start = calibrated.get_weights()
@@ -171,7 +175,7 @@ def _one(args, build, dense, expressions, calibration, train, test, decompose, f
     return {"params_compressed": params, "weight_only": weight_only, "calibrated": calibrated_acc,
             "weight_error": np.mean(list(report.values())), "data_error": np.mean(list(data_report.values())),
             "labels_1ep": labels, "distill_1ep": distilled, "scratch": scratch, "scratch_epochs": args.epochs + 1,
-            "fit_seconds": fit_seconds}
+            "fit_seconds": fit_seconds, "calibration": args.calibration + ("+centred" if args.center else "")}
 
 
 def _kernel_shape(layer):
@@ -241,6 +245,9 @@ def main():
     parser.add_argument("--calibrate", type=int, default=1000, help="training images used as calibration data")
     parser.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=[0.1, 0.25, 0.05])
     parser.add_argument("--families", type=lambda s: s.split(","), default=[f for f in FAMILIES if not f.startswith("sss_p")])
+    parser.add_argument("--calibration", default="asymmetric", choices=("asymmetric", "sequential", "original"),
+                        help="decompose's calibration mode (the tables before 2026-12-07: sequential)")
+    parser.add_argument("--center", action="store_true", help="centred fits with bias correction")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,7 @@ test accuracy with 0.9 against 0.8035 with Keras's default 0.99, BENCHMARKS.md).
 Rows ``method:fraction``, as in vit_compress.py: ``lowrank:0.5`` is lowrank(params=0.5)
 on every matched layer, ``budget:0.25`` lowrank sizes chosen per layer by budget=0.25.
 Per row: parameters of the decomposed layers, test accuracy right after decompose
-(``--calibrate N``: fitted on N training images, sequential calibration), after
+(``--calibrate N``: fitted on N training images, ``--calibration`` sequential by default), after
 re-estimating the BatchNormalization statistics (``--bn-recalibrate N``:
 keras_decomp.recalibrate_batchnorm on N training images) and after one fine-tuning
 epoch; the largest output difference after save + keras_decomp.load_model; the TFLite
@@ -101,6 +101,8 @@ def main(argv=None):
     parser.add_argument("--rows", default="lowrank:0.5,budget:0.25", help="method:fraction pairs (lowrank, budget)")
     parser.add_argument("--bn-momentum", type=float, default=0.9, help="BatchNormalization momentum in training")
     parser.add_argument("--calibrate", type=int, default=0, help="decompose with data=N training images")
+    parser.add_argument("--calibration", default="sequential", choices=("sequential", "asymmetric", "original"),
+                        help="decompose's calibration mode (BENCHMARKS.md's rows: sequential)")
     parser.add_argument("--bn-recalibrate", type=int, default=0,
                         help="re-estimate the BatchNormalization statistics on N training images after decompose")
     parser.add_argument("--fine-tune-epochs", type=int, default=1)
@@ -126,6 +128,7 @@ def main(argv=None):
         expression = {"lowrank": f"lowrank(params={fraction})", "budget": "lowrank"}[method]
         errors = {}
         small = keras_decomp.decompose(dense, {p: expression for p in PATTERNS}, data=calibration,
+                                       calibration=args.calibration,
                                        budget=fraction if method == "budget" else None, report=errors)
         print(f"{row}: relative error of the kernels per layer {min(errors.values()):.3f} to "
               f"{max(errors.values()):.3f} (median {np.median(list(errors.values())):.3f})", flush=True)

@@ -180,7 +180,7 @@ def test_sequential_calibration_feeds_each_layer_the_compressed_models_activatio
     calibrate.layer_gram = spy
     try:
         expressions = {"a": "lowrank(r=2)", "b": "lowrank(r=2)"}
-        new = decompose(model, expressions, data=data, center=False)
+        new = decompose(model, expressions, data=data, calibration="sequential", center=False)
         # read in the model being built (its layer a already decomposed), at the copy's layer of that
         # name, before the copy's layer is swapped for the decomposed one
         assert [(s is new, layer.name == n, layer is not model.get_layer(n))
@@ -312,6 +312,35 @@ def test_compress_command_calibrates_and_distils(tmp_path, capsys):
     assert "--calibrate, --epochs and --distill need data" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode", ["original", "asymmetric"])
+def test_compress_command_passes_the_calibration_mode(tmp_path, mode):
+    import keras
+
+    from keras_decomp.cli.compress import _calibration_images
+    from keras_decomp.cli.main import main
+    from keras_decomp.compression.decompose import decompose
+    from keras_decomp.layers import load_model
+    from keras_decomp.training.data import load
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(16, activation="relu", name="h1"),
+                              keras.layers.Dense(16, activation="relu", name="h2"), keras.layers.Dense(10)])
+    path, out = tmp_path / "m.keras", tmp_path / "small.keras"
+    model.save(path)
+    layers = ["--layer", "h1=lowrank(r=3)", "--layer", "h2=lowrank(r=3)"]
+    assert main(["compress", str(path), *layers, "--out", str(out), "--data", "bundled", "--calibrate", "200",
+                 "--calibration", mode, "--quiet"]) == 0
+    images = _calibration_images(load("fashion_mnist", source="bundled"), 200, 0)
+    expressions = {"h1": "lowrank(r=3)", "h2": "lowrank(r=3)"}
+    kernels = {m: _kernel(decompose(model, expressions, data=images, calibration=m).get_layer("h2"))
+               for m in ("original", "asymmetric")}
+    got = _kernel(load_model(out).get_layer("h2"))
+    other = "asymmetric" if mode == "original" else "original"
+    assert np.abs(got - kernels[mode]).max() < 1e-5 * np.abs(kernels[mode]).max()
+    assert np.abs(got - kernels[other]).max() > 1e-3 * np.abs(kernels[mode]).max()
+
+
 def test_einsum_rows_flatten_the_contracted_axes_in_kernel_order():
     import keras
 
@@ -384,3 +413,57 @@ def test_layer_gram_reaches_a_layer_nested_in_a_subclassed_model():
     assert gram.count == 40
     assert np.allclose(gram.matrix, hidden.T @ hidden, rtol=1e-5, atol=1e-5)
     assert "call" not in vars(net.block.inner)  # the recording hook is gone
+
+
+def _hidden(model, x):
+    import keras
+
+    layer = model.get_layer("a")
+    return np.maximum(x @ _kernel(layer).astype(np.float64) + keras.ops.convert_to_numpy(layer.bias), 0)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_asymmetric_calibration_maps_the_compressed_inputs_to_the_original_outputs(center):
+    """Layer b at full rank, asymmetric: its outputs on the compressed model's hidden units Z are the
+    least-squares fit of the original's outputs X W_b (+ bias) from Z (with a constant column when
+    centred), numpy.linalg.lstsq; sequential calibration fits W_b itself instead."""
+    import keras
+
+    from keras_decomp.compression.decompose import decompose
+
+    model = _two_layer_model()
+    expressions = {"a": "lowrank(r=6)", "b": f"lowrank(r={M})"}  # Z well conditioned
+    data, report = X.astype("float32"), {}
+    new = decompose(model, expressions, data=data, calibration="asymmetric", center=center, damping=1e-9,
+                    data_report=report)
+    x = data.astype(np.float64)
+    Z, H = _hidden(new, x), _hidden(model, x)
+    b_old = keras.ops.convert_to_numpy(model.get_layer("b").bias).astype(np.float64)
+    target = H @ _kernel(model.get_layer("b")).astype(np.float64) + b_old
+    design = np.hstack([Z, np.ones((len(Z), 1))]) if center else Z
+    expected = design @ np.linalg.lstsq(design, target - (0 if center else b_old), rcond=None)[0] \
+        + (0 if center else b_old)
+    layer = new.get_layer("b")
+    got = Z @ _kernel(layer).astype(np.float64) + keras.ops.convert_to_numpy(layer.bias)
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    # layer a sees the same inputs in both models: its fit is the sequential one
+    sequential = decompose(model, expressions, data=data, calibration="sequential", damping=1e-9,
+                            center=center)
+    assert np.abs(_kernel(new.get_layer("a")) - _kernel(sequential.get_layer("a"))).max() \
+        < 1e-4 * np.abs(_kernel(sequential.get_layer("a"))).max()
+    seq_layer = sequential.get_layer("b")
+    seq_out = Z @ _kernel(seq_layer).astype(np.float64) + keras.ops.convert_to_numpy(seq_layer.bias)
+    assert np.linalg.norm(got - target) < 0.99 * np.linalg.norm(seq_out - target)  # the optimum: below
+    # the reported data error is ||X W - Z E|| / ||X W|| (biases aside), per layer
+    W_b = _kernel(model.get_layer("b")).astype(np.float64)
+    relative = np.linalg.norm(H @ W_b - Z @ _kernel(layer)) / np.linalg.norm(H @ W_b)
+    assert report["b"] == pytest.approx(relative, rel=1e-3)
+
+
+def test_asymmetric_calibration_rejects_mismatched_paired_inputs():
+    from keras_decomp.fitting.data_norm import CrossGram
+
+    cross = CrossGram(4)
+    with pytest.raises(DecompError, match=r"paired inputs differ in shape: \(3, 4\) in the compressed model, "
+                                          r"\(2, 4\) in the original"):
+        cross.add(np.zeros((3, 4)), np.zeros((2, 4)))

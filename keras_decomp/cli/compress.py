@@ -32,7 +32,8 @@ def compress(args, source, out) -> int:
     calibration = _calibration_images(data, args.calibrate, args.seed) if args.calibrate else None
     with progress.reporting(enabled=not args.quiet):
         new = decompose(model, expressions, budget=args.budget, params=dict(args.param), seed=args.seed,
-                        report=errors, data=calibration, data_report=data_errors)
+                        report=errors, data=calibration, calibration=args.calibration,
+                        data_report=data_errors)
     out.parent.mkdir(parents=True, exist_ok=True)
     new.save(out)  # before evaluating: a missing data set must not lose the new model
     accuracy, why = (None, None), "--data none"

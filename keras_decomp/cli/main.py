@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="fit each layer to its inputs over N training images (the data norm), layer after "
                         "layer on the compressed model's activations (default 0: fit the kernels alone)")
+    c.add_argument("--calibration", choices=("asymmetric", "sequential", "original"), default="asymmetric",
+                   help="with --calibrate: inputs from the compressed model, outputs from the original "
+                        "(asymmetric, the default), or both from the compressed model (sequential), or both "
+                        "from the original (original)")
     c.add_argument("--epochs", type=int, default=0, help="epochs of fine-tuning after compression (default 0)")
     c.add_argument("--distill", action="store_true",
                    help="fine-tune by distillation from the original model (KL on temperature-scaled logits "

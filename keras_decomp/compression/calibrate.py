@@ -9,7 +9,10 @@ summed batch by batch, so memory is n^2 whatever the number of samples.
 
 Layers are calibrated in model order, each on the activations of the model
 being built, whose earlier layers are already compressed (``sequential``, as
-GPTQ does), or on the original model's (``original``).  A layer's inputs are
+GPTQ does), or on the original model's (``original``), or ``asymmetric``: on
+the compressed model's inputs Z but towards the original's outputs X W
+(||X W - Z E||_F, ``fitting.data_norm.CrossGram``), so that each layer also
+undoes part of the error of the layers before it.  A layer's inputs are
 recorded by wrapping its ``call`` while the whole model runs eagerly on a
 batch, so a layer nested in a composite layer or a subclassed model is reached
 the same way as a top-level one.
@@ -28,10 +31,10 @@ import contextlib
 import numpy as np
 
 from ..errors import DecompError
-from ..fitting.data_norm import DAMPING, Gram
+from ..fitting.data_norm import DAMPING, CrossGram, Gram
 
 BATCH = 256  # rows of an array cut into calibration batches
-MODES = ("sequential", "original")
+MODES = ("sequential", "original", "asymmetric")
 
 
 def calibration_batches(data) -> list:
@@ -62,12 +65,41 @@ def layer_gram(model, layer, batches, name: str | None = None) -> Gram:
     A batch of the wrong shape, or with NaN or infinite values (in the data or
     in the activations it gives), is a DecompError naming the layer and the batch.
     """
-    name = name or layer.name
+    gram = None
+    for where, X in _layer_rows(model, layer, batches, name or layer.name):
+        gram = gram or Gram(X.shape[-1])
+        _guarded(where, gram.add, X)
+    return gram
+
+
+def paired_gram(built, layer, model, original, batches, name: str | None = None) -> CrossGram:
+    """The paired statistics (``CrossGram``) of ``layer``'s inputs in ``built``
+    (the model being compressed) and ``original``'s in ``model``, batch by
+    batch on the same samples, for the ``asymmetric`` calibration."""
+    cross, name = None, name or layer.name
+    pairs = zip(_layer_rows(built, layer, batches, name), _layer_rows(model, original, batches, name))
+    for (where, Z), (_, X) in pairs:
+        cross = cross or CrossGram(Z.shape[-1])
+        _guarded(where, cross.add, Z, X)
+    return cross
+
+
+def _guarded(where, add, *arrays):
+    try:
+        add(*arrays)
+    except DecompError as err:
+        raise DecompError(f"{where}: the layer's {err.fact}", hint="the model before it overflows "
+                          "on this batch") from None
+
+
+def _layer_rows(model, layer, batches, name):
+    """(where, X) per batch: the rows ``layer``'s kernel matrix multiplies in that
+    batch (every call of the layer, stacked), batches checked first."""
     if isinstance(batches, np.ndarray):
         batches = calibration_batches(batches)
     inputs = getattr(model, "inputs", None)
     expected = tuple(inputs[0].shape[1:]) if inputs and len(inputs) == 1 else None
-    rows, gram = _rows_of(layer), None
+    rows = _rows_of(layer)
     with _recording(layer) as seen:
         for i, batch in enumerate(batches):
             batch = np.asarray(batch)
@@ -82,15 +114,8 @@ def layer_gram(model, layer, batches, name: str | None = None) -> Gram:
             model(batch.astype("float32"), training=False)
             if not seen:
                 raise DecompError(f"{where}: the model did not call the layer", hint="is it part of the model?")
-            for x in seen:
-                X = rows(x)
-                gram = gram or Gram(X.shape[-1])
-                try:
-                    gram.add(X)
-                except DecompError as err:
-                    raise DecompError(f"{where}: the layer's {err.fact}", hint="the model before it overflows "
-                                      "on this batch") from None
-    return gram
+            found = [rows(x) for x in seen]
+            yield where, found[0] if len(found) == 1 else np.concatenate(found)
 
 
 @contextlib.contextmanager
@@ -129,6 +154,26 @@ def fit_to_inputs(layer, W, bias, gram: Gram, center: bool = False, damping: flo
     corrected = np.asarray(bias, np.float64).reshape(-1) + shift
     layer.bias.assign(corrected.reshape(tuple(layer.bias.shape)).astype(layer.bias.dtype))
     return error
+
+
+def fit_asymmetric(layer, W, bias, cross: CrossGram, center: bool = False, damping: float = DAMPING):
+    """Fit the decomposed ``layer`` so that it gives, on the compressed model's
+    inputs Z, what the original kernel W gave on the original inputs X:
+    minimise ||X W - Z E||_F (``CrossGram``: E fitted to the corrected target
+    W* in the data norm of Z).  With ``center``, the best affine fit: the
+    centred statistics, and the bias b + mean(X) W - mean(Z) E.  Returns
+    (||W - E|| / ||W||, ||X W - Z E|| / ||X W||)."""
+    from ..training.staging import kernel_matrix
+
+    W = np.asarray(W, dtype=np.float64)
+    center = center and bias is not None and getattr(layer, "bias", None) is not None
+    goal = cross.target(W, damping, center=center)
+    if center:
+        shift = cross.reference.mean @ W - cross.inputs.mean @ goal  # fit_to_inputs adds mean(Z) (W* - E)
+        bias = (np.asarray(bias, np.float64).reshape(-1) + shift).reshape(np.shape(bias))
+    fit_to_inputs(layer, goal, bias, cross.inputs, center, damping)
+    E = kernel_matrix(layer)
+    return float(np.linalg.norm(W - E) / max(np.linalg.norm(W), 1e-300)), cross.error(W, E)
 
 
 def _rows_of(layer):

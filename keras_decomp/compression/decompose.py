@@ -39,7 +39,7 @@ from .select import targets
 
 
 def decompose(model, expressions: dict, budget: float | None = None, params: dict | None = None, seed: int = 0,
-              report: dict | None = None, inplace: bool = False, data=None, calibration: str = "sequential",
+              report: dict | None = None, inplace: bool = False, data=None, calibration: str = "asymmetric",
               center: bool = False, damping: float = DAMPING, data_report: dict | None = None):
     """A model whose layers matched by ``expressions`` ({pattern: expression}) are
     decomposed and initialised from their trained kernels (``approximate``); all
@@ -55,15 +55,18 @@ def decompose(model, expressions: dict, budget: float | None = None, params: dic
     A progress bar per layer shows on a terminal (``fitting.progress``).
 
     ``data`` (calibration inputs: an array, a tf.data.Dataset or an iterable of
-    batches) fits each layer in the data norm ||X (W - E)||_F over its inputs X
-    (``calibrate.py``), in model order, X taken from the model being built
-    (``calibration="sequential"``: the layers before it already decomposed) or
-    from the original (``"original"``); ``center`` fits the centred inputs and
-    corrects the bias by the mean error; ``damping`` regularises X^T X (a
-    fraction of its mean diagonal, ``fitting.data_norm``); ``data_report``
-    receives each layer's relative data-norm error.
+    batches) fits each layer to its recorded inputs (``calibrate.py``), in
+    model order.  ``calibration``: ``"asymmetric"`` (the default) minimises
+    ||X W - Z E||_F, Z the layer's inputs in the model being built (the layers
+    before it already decomposed), X its inputs in the original: the layer also
+    undoes part of the error of the layers before it; ``"sequential"`` fits
+    ||Z (W - E)||_F (as GPTQ does); ``"original"`` fits ||X (W - E)||_F.
+    ``center`` fits the centred inputs and corrects the bias by the mean error;
+    ``damping`` regularises the Gram (a fraction of its mean diagonal,
+    ``fitting.data_norm``); ``data_report`` receives each layer's relative
+    data-norm error (for ``"asymmetric"``: ||X W - Z E|| / ||X W||).
     """
-    from .calibrate import MODES, calibration_batches, fit_to_inputs, layer_gram
+    from .calibrate import MODES, calibration_batches, fit_asymmetric, fit_to_inputs, layer_gram, paired_gram
 
     if calibration not in MODES:
         raise DecompError(f"calibration must be one of {', '.join(MODES)}, got '{calibration}'")
@@ -86,6 +89,12 @@ def decompose(model, expressions: dict, budget: float | None = None, params: dic
             surgery.build_like(layer, old)
             if batches is None:
                 errors[path] = fit_layer(layer, kernel_matrix(old), layer.node, bias=bias_of(old))
+            elif calibration == "asymmetric":  # inputs from the model built so far, outputs from the original
+                cross = paired_gram(new, old, model, surgery.resolve(model, target.chain), batches, name=path)
+                errors[path], data_error = fit_asymmetric(layer, kernel_matrix(old),
+                                                          _bias_for(layer, bias_of(old)), cross, center, damping)
+                if data_report is not None:
+                    data_report[path] = data_error
             else:  # the inputs ``old`` sees in the model as built so far, or in the original
                 source, seen = (new, old) if calibration == "sequential" else \
                     (model, surgery.resolve(model, target.chain))

@@ -76,6 +76,72 @@ class Gram:
         return self.matrix - self.count * np.outer(self.mean, self.mean)
 
 
+class CrossGram:
+    """The statistics of paired inputs: row i of Z (what a layer sees in the
+    compressed model) and row i of X (what it sees in the original, for the same
+    sample).  Keeps Z^T Z (``inputs``, a Gram), X^T X (``reference``) and the
+    cross term Z^T X: memory 3 n^2 whatever the number of samples.
+
+    The compressed layer should give what the original gave: minimise
+    ||X W - Z E||_F.  With W* = argmin_V ||X W - Z V||_F (``target``), that is
+    ||X W - Z W*||^2 + ||Z (W* - E)||^2 (the residual of a least-squares fit
+    is orthogonal to the columns of Z), so E is fitted to W* in the data norm
+    of Z: the usual fit, on a corrected target that undoes part of the error
+    of the layers before.
+
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 6)); Z = X @ np.diag([1, 1, 1, 1, 1, 0.5])
+    >>> cross = CrossGram(6); cross.add(Z, X)
+    >>> W = rng.normal(size=(6, 3))
+    >>> bool(np.allclose(Z @ cross.target(W, damping=0.0), X @ W))
+    True
+    """
+
+    def __init__(self, n: int):
+        self.inputs, self.reference = Gram(n), Gram(n)
+        self.cross = np.zeros((n, n))
+
+    def add(self, Z, X) -> None:
+        Z, X = np.asarray(Z, dtype=np.float64), np.asarray(X, dtype=np.float64)
+        if Z.shape != X.shape:
+            raise DecompError(f"paired inputs differ in shape: {Z.shape} in the compressed model, "
+                              f"{X.shape} in the original")
+        self.inputs.add(Z)
+        self.reference.add(X)
+        n = self.cross.shape[0]
+        self.cross += Z.reshape(-1, n).T @ X.reshape(-1, n)
+
+    def cross_matrix(self, center: bool = False) -> np.ndarray:
+        """Z^T X, or with ``center`` the same of the centred rows."""
+        if not center:
+            return self.cross
+        return self.cross - self.inputs.count * np.outer(self.inputs.mean, self.reference.mean)
+
+    def target(self, W, damping: float = DAMPING, center: bool = False) -> np.ndarray:
+        """W* = argmin_V ||X W - Z V||^2 + l ||V - W||^2, l = damping * mean(diag G):
+        (G + l I)^-1 (C W + l W), the kernel that maps the compressed model's
+        inputs closest to the original's outputs (G = Z^T Z and C = Z^T X centred
+        with ``center``).  The ridge pulls towards W, so a layer whose inputs are
+        the same in both models (Z = X) keeps W* = W whatever the damping."""
+        W = np.asarray(W, dtype=np.float64)
+        G = self.inputs.scatter() if center else self.inputs.matrix
+        scale = float(np.mean(np.diagonal(G))) if G.size else 0.0
+        if not scale > 0:
+            return W
+        ridge = max(damping, 1e-10) * scale
+        system = G + ridge * np.eye(G.shape[0])
+        return scipy.linalg.solve((system + system.T) / 2, self.cross_matrix(center) @ W + ridge * W,
+                                  assume_a="pos")
+
+    def error(self, W, E) -> float:
+        """||X W - Z E||_F / ||X W||_F (biases aside)."""
+        W, E = np.asarray(W, dtype=np.float64), np.asarray(E, dtype=np.float64)
+        reference = float(np.sum(W * (self.reference.matrix @ W)))
+        squared = reference - 2 * float(np.sum(E * (self.cross @ W))) + float(np.sum(E * (self.inputs.matrix @ E)))
+        squared = max(squared, 0.0)
+        return float(np.sqrt(squared / reference)) if reference > 0 else float(np.sqrt(squared))
+
+
 def whitening(G, damping: float = DAMPING) -> np.ndarray:
     """An invertible upper-triangular R with R^T R = G + damping * mean(diag G) I.
 
