@@ -87,10 +87,10 @@ def lenet(expressions=None, seed=0):
 MODELS = {"mlp": (mlp, ("hidden1", "hidden2")), "lenet": (lenet, ("conv2", "fc1"))}
 
 
-def compile_(model):
+def compile_(model, learning_rate=1e-3):
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     return model
 
@@ -159,11 +159,12 @@ def _one(args, build, dense, expressions, calibration, train, test, decompose, f
     fit_seconds = time.time() - t
     calibrated_acc = accuracy(calibrated, *test)
     start = calibrated.get_weights()
-    compile_(calibrated)
+    compile_(calibrated, args.fine_tune_lr)
     calibrated.fit(*train, epochs=1, batch_size=128, verbose=0)
     labels = accuracy(calibrated, *test)
     calibrated.set_weights(start)
-    fine_tune(calibrated, dense, train, epochs=1, temperature=args.temperature, alpha=args.alpha)
+    fine_tune(calibrated, dense, train, epochs=1, temperature=args.temperature, alpha=args.alpha,
+              learning_rate=args.fine_tune_lr)
     distilled = accuracy(calibrated, *test)
     scratch = float("nan")
     if not args.no_scratch:
@@ -248,6 +249,8 @@ def main():
     parser.add_argument("--calibration", default="asymmetric", choices=("asymmetric", "sequential", "original"),
                         help="decompose's calibration mode (the tables before 2026-12-07: sequential)")
     parser.add_argument("--center", action="store_true", help="centred fits with bias correction")
+    parser.add_argument("--fine-tune-lr", type=float, default=1e-3,
+                        help="Adam learning rate of both one-epoch fine-tunings (default 1e-3, as in training)")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)

@@ -244,3 +244,48 @@ def test_layer_checks_on_jax_in_a_subprocess():
                          timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "5 passed" in run.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("n, m, b", [(12, 10, 4), (10, 6, 3), (16, 16, 4)])
+def test_data_norm_first_factor_step_is_the_least_squares_optimum(n, m, b):
+    """With the second factor held, the conjugate-gradient step over the first factor reaches
+    the error of numpy.linalg.lstsq on the design of every first-factor entry (X E(e_k))."""
+    from keras_decomp.fitting.monarch import _first_factor
+
+    rng = np.random.default_rng(n + m + b)
+    node = parse(f"monarch(b={b})", n, m).stages[0]
+    values = node.init(rng)
+    l_key, r_key = node.key + ".l", node.key + ".r"
+    X = rng.normal(size=(200, n)) * np.linspace(0.2, 2.0, n)
+    W = rng.normal(size=(n, m))
+    shape = values[l_key].shape
+    columns = []
+    for k in range(int(np.prod(shape))):
+        probe = np.zeros(int(np.prod(shape)))
+        probe[k] = 1.0
+        columns.append((X @ node.to_dense({**values, l_key: probe.reshape(shape)})).ravel())
+    design = np.stack(columns, axis=1)
+    best = np.linalg.lstsq(design, (X @ W).ravel(), rcond=None)[0]
+    optimum = np.linalg.norm(X @ W - X @ node.to_dense({**values, l_key: best.reshape(shape)}))
+    L = _first_factor(W, node, X.T @ X, np.zeros(shape), values[r_key], iterations=10 * design.shape[1])
+    got = np.linalg.norm(X @ W - X @ node.to_dense({**values, l_key: L}))
+    assert got == pytest.approx(optimum, rel=1e-6)
+
+
+def test_data_norm_sweeps_never_raise_the_error_and_beat_the_two_starts():
+    from keras_decomp.fitting.data_norm import whitening
+    from keras_decomp.fitting.monarch import als_sweeps, svd_fit
+
+    rng = np.random.default_rng(3)
+    node = parse("monarch(b=4)", 24, 20).stages[0]
+    X = rng.normal(size=(300, 24)) @ rng.normal(size=(24, 24))
+    W = rng.normal(size=(24, 20))
+    R = whitening(X.T @ X, damping=0.0)
+    start = svd_fit(W, node)
+    _, history = als_sweeps(W, node, R, start, sweeps=8, tol=0.0)
+    assert len(history) == 9
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(history, history[1:])), history
+    assert history[-1] < 0.9 * history[0]
+    fitted = approximate(W, node, gram=X.T @ X, damping=0.0)[0]
+    data_error = np.linalg.norm(X @ (W - node.to_dense(fitted))) / np.linalg.norm(X @ W)
+    assert data_error < 0.95 * history[0]  # the whitened fit ends below the weight fit's start

@@ -27,6 +27,8 @@ import scipy.linalg
 from ..operators.structures.monarch import Monarch
 from . import methods
 
+SWEEPS = 10  # most alternating sweeps of the data-norm fit
+
 
 def pair_entries(b: int, q: int) -> list[list[np.ndarray]]:
     """T[i][j]: the first-factor outputs t of block i that reach second-factor block j."""
@@ -65,7 +67,9 @@ def whitened_fit(W, node: Monarch, R, rng=None) -> dict:
     blocks (so Rb^-1 keeps L block-diagonal: L_i <- Rb_i^-1 L_i).  From each,
     the second factor is solved exactly in the data norm (its blocks see
     disjoint outputs: one small least-squares problem per block), and the
-    start with the lower data error is kept: never worse than the weight fit."""
+    start with the lower data error is kept: never worse than the weight fit.
+    Then alternating sweeps (``als_sweeps``) refine both factors in the data
+    norm."""
     W = np.asarray(W, dtype=np.float64)
     n, b, p = W.shape[0], node.blocks, node.sizes[0]
     G = R.T @ R
@@ -81,7 +85,24 @@ def whitened_fit(W, node: Monarch, R, rng=None) -> dict:
         error = np.linalg.norm(R @ (W - node.to_dense(values)))
         if best is None or error < best[0]:
             best = (error, values)
-    return best[1]
+    return als_sweeps(W, node, R, best[1])[0]
+
+
+def als_sweeps(W, node: Monarch, R, values: dict, sweeps: int = SWEEPS, tol: float = 1e-3):
+    """(values, data errors): alternate the first factor (conjugate gradients,
+    ``_first_factor``) and the second (exact, ``_second_factor``) in the data
+    norm from ``values``, until a sweep lowers the error by less than ``tol``
+    (relative).  Neither step can raise the error: it never rises."""
+    G, (l, r) = R.T @ R, (node.key + ".l", node.key + ".r")
+    norm = max(float(np.linalg.norm(R @ W)), 1e-300)
+    history = [float(np.linalg.norm(R @ (W - node.to_dense(values)))) / norm]
+    for _ in range(sweeps):
+        first = _first_factor(W, node, G, values[l], values[r])
+        values = {**values, l: first, r: _second_factor(W, node, R, first)}
+        history.append(float(np.linalg.norm(R @ (W - node.to_dense(values)))) / norm)
+        if history[-1] > history[-2] * (1 - tol):
+            break
+    return values, history
 
 
 def _second_factor(W, node: Monarch, R, L) -> np.ndarray:
@@ -100,3 +121,56 @@ def _second_factor(W, node: Monarch, R, L) -> np.ndarray:
 
 
 methods.register_data_norm(Monarch, whitened_fit)
+
+
+def _spread(node: Monarch, right: np.ndarray) -> np.ndarray:
+    """B (b q, b s) with E (zero-padded) = blockdiag(L_1 .. L_b) B for the second
+    factor ``right``: row i q + t of B is row (i q + t) div b of the second
+    factor's block j = (i q + t) mod b, in output columns j s .. (j + 1) s."""
+    b, (_, q, s) = node.blocks, node.sizes
+    f = np.arange(b * q)
+    B = np.zeros((b * q, b, s))
+    B[f, f % b] = right[f % b, f // b]
+    return B.reshape(b * q, b * s)
+
+
+def _first_factor(W, node: Monarch, G, L, right, iterations: int = 60) -> np.ndarray:
+    """Lower ||R (W - E)||_F (G = R^T R) over the first factor with the second held:
+    conjugate gradients on the normal equations P(G A K) = P(G W B^T), A =
+    blockdiag(L) and P keeping its diagonal blocks (K = B B^T).  Starts at ``L``;
+    each step lowers the (convex, quadratic) error, so the result is never worse."""
+    (n, m), b, (p, q) = W.shape, node.blocks, node.sizes[:2]
+    B = _spread(node, right)[:, :m]  # padded outputs are dropped: they cost nothing
+    K = B @ B.T
+    Gp = np.zeros((b * p, b * p))  # padded inputs are zero: their rows of L cost nothing either
+    Gp[:n, :n] = G
+    Wp = np.zeros((b * p, m))
+    Wp[:n] = W
+
+    def diagonal(M):  # the (b, p, q) diagonal blocks of a (b p, b q) matrix
+        return np.einsum("ipiq->ipq", M.reshape(b, p, b, q))
+
+    def dense(A):  # blockdiag of (b, p, q)
+        out = np.zeros((b, p, b, q))
+        out[np.arange(b), :, np.arange(b), :] = A
+        return out.reshape(b * p, b * q)
+
+    def apply(A):
+        return diagonal(Gp @ dense(A) @ K)
+    x = np.array(L, dtype=np.float64)
+    r = diagonal(Gp @ Wp @ B.T) - apply(x)
+    d, rr = r.copy(), float(np.sum(r * r))
+    scale = rr
+    for _ in range(iterations):
+        if rr <= 1e-24 * scale or rr == 0:
+            break
+        Ad = apply(d)
+        curvature = float(np.sum(d * Ad))
+        if curvature <= 0:
+            break
+        alpha = rr / curvature
+        x += alpha * d
+        r -= alpha * Ad
+        rr, old = float(np.sum(r * r)), rr
+        d = r + (rr / old) * d
+    return x
