@@ -467,3 +467,20 @@ def test_asymmetric_calibration_rejects_mismatched_paired_inputs():
     with pytest.raises(DecompError, match=r"paired inputs differ in shape: \(3, 4\) in the compressed model, "
                                           r"\(2, 4\) in the original"):
         cross.add(np.zeros((3, 4)), np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("mode", ["asymmetric", "original"])
+def test_calibration_in_place_reads_the_original_as_it_was(mode):
+    """In place, the original's activations must come from the model before any layer was
+    replaced: the kernels equal those of the same decompose on a copy."""
+    from keras_decomp.compression.decompose import decompose
+
+    expressions = {"a": "lowrank(r=2)", "b": "lowrank(r=2)"}
+    data = X.astype("float32")
+    copied = decompose(_two_layer_model(), expressions, data=data, calibration=mode)
+    model = _two_layer_model()
+    same = decompose(model, expressions, data=data, calibration=mode, inplace=True)
+    assert same is model
+    for name in "ab":
+        expected = _kernel(copied.get_layer(name))
+        assert np.abs(_kernel(same.get_layer(name)) - expected).max() < 1e-5 * np.abs(expected).max(), name

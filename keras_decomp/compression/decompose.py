@@ -78,6 +78,8 @@ def decompose(model, expressions: dict, budget: float | None = None, params: dic
                                 for i, t in enumerate(chosen)}, budget, seed=seed, params=params)
         texts = [sizes[i].text for i in range(len(chosen))]
     new = model if inplace else copy_model(model)
+    # the original's activations are read all along: in place, from a copy taken before any change
+    reference = copy_model(model) if inplace and batches is not None and calibration != "sequential" else model
     errors = {}
     bar = progress.Bar("decompose", total=len(chosen), after=0.0)
     with tying():
@@ -90,14 +92,15 @@ def decompose(model, expressions: dict, budget: float | None = None, params: dic
             if batches is None:
                 errors[path] = fit_layer(layer, kernel_matrix(old), layer.node, bias=bias_of(old))
             elif calibration == "asymmetric":  # inputs from the model built so far, outputs from the original
-                cross = paired_gram(new, old, model, surgery.resolve(model, target.chain), batches, name=path)
+                cross = paired_gram(new, old, reference, surgery.resolve(reference, target.chain), batches,
+                                    name=path)
                 errors[path], data_error = fit_asymmetric(layer, kernel_matrix(old),
                                                           _bias_for(layer, bias_of(old)), cross, center, damping)
                 if data_report is not None:
                     data_report[path] = data_error
             else:  # the inputs ``old`` sees in the model as built so far, or in the original
                 source, seen = (new, old) if calibration == "sequential" else \
-                    (model, surgery.resolve(model, target.chain))
+                    (reference, surgery.resolve(reference, target.chain))
                 gram = layer_gram(source, seen, batches, name=path)
                 by_name = {}  # initialize_from keys the data-norm error by layer name; ours by path
                 errors[path] = fit_to_inputs(layer, kernel_matrix(old), _bias_for(layer, bias_of(old)), gram,
