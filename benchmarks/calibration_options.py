@@ -1,5 +1,5 @@
 """The options of calibrated compression side by side on one trained MLP: number of calibration
-images, damping, sequential or original activations, centred fit with bias correction.
+images, damping, the calibration mode (sequential, original, asymmetric), centred fit with bias correction.
 
 Test accuracy on full Fashion-MNIST right after ``decompose(model, {hidden1, hidden2: EXPR}, data=...)``,
 the MLP of ``compress_calibrated.py`` (saved there with ``--dense``), plus the weight-only fit.
@@ -7,6 +7,7 @@ the MLP of ``compress_calibrated.py`` (saved there with ``--dense``), plus the w
     .venv/bin/python benchmarks/calibration_options.py runs/mlp_2ep.keras "lowrank(params=0.1)" --images 1000,5000
     .venv/bin/python benchmarks/calibration_options.py runs/mlp_2ep.keras "sketch(params=0.1)" --damping 0.001,0.1,1 --modes sequential,original
     .venv/bin/python benchmarks/calibration_options.py runs/mlp_2ep.keras "lowrank(params=0.1)" --center
+    .venv/bin/python benchmarks/calibration_options.py runs/mlp_5ep.keras "monarch(params=0.1)" --modes sequential,asymmetric --center
 """
 
 from __future__ import annotations
