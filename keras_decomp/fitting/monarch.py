@@ -120,8 +120,6 @@ def _second_factor(W, node: Monarch, R, L) -> np.ndarray:
     return out
 
 
-methods.register_data_norm(Monarch, whitened_fit)
-
 
 def _spread(node: Monarch, right: np.ndarray) -> np.ndarray:
     """B (b q, b s) with E (zero-padded) = blockdiag(L_1 .. L_b) B for the second
@@ -174,3 +172,6 @@ def _first_factor(W, node: Monarch, G, L, right, iterations: int = 60) -> np.nda
         rr, old = float(np.sum(r * r)), rr
         d = r + (rr / old) * d
     return x
+
+
+methods.register_data_norm(Monarch, whitened_fit)
