@@ -239,6 +239,28 @@ def table(csv_file) -> str:
     return "\n".join(out)
 
 
+def summary(csv_files) -> str:
+    """Rows of several runs (seeds: one dense model each) grouped by model, family and fraction:
+    mean and sample standard deviation of the calibrated gap and of the distilled gap to dense."""
+    rows = []
+    for name in csv_files:
+        with open(name) as f:
+            rows += list(csv.DictReader(f))
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["family"], float(r["fraction"])), []).append(r)
+    out = ["| model | family | fraction | runs | dense | calibrated gap | 1 ep distill gap |", "|---" * 7 + "|"]
+    for (model, family, fraction), mine in sorted(groups.items()):
+        def stats(column):
+            gaps = [100 * (float(r[column]) - float(r["dense"])) for r in mine]
+            spread = f" +- {np.std(gaps, ddof=1):.2f}" if len(gaps) > 1 else ""
+            return f"{np.mean(gaps):+.2f}{spread} ({', '.join(f'{g:+.1f}' for g in gaps)})"
+        dense = ", ".join(f"{100 * float(r['dense']):.2f}" for r in mine)
+        out.append(f"| {model} | {family} | {fraction:g} | {len(mine)} | {dense} | {stats('calibrated')} | "
+                   f"{stats('distill_1ep')} |")
+    return "\n".join(out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
@@ -260,8 +282,11 @@ def main():
     parser.add_argument("--plot", help="draw this CSV instead of running")
     parser.add_argument("--out", default="docs/figures/compress_calibrated.png")
     parser.add_argument("--table", help="print this CSV as a markdown table instead of running")
+    parser.add_argument("--summary", nargs="+", help="print these CSVs (runs of several seeds) as mean +- std")
     args = parser.parse_args()
-    if args.table:
+    if args.summary:
+        print(summary(args.summary))
+    elif args.table:
         print(table(args.table))
     elif args.plot:
         plot(args.plot, args.out)
