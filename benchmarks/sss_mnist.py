@@ -32,7 +32,6 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 from keras_decomp import decompose, layers  # noqa: E402
 from keras_decomp.training.data import load  # noqa: E402

@@ -381,7 +381,7 @@ def mutate_spec_text(text: str, rnd: random.Random) -> str:
     elif kind == "recursive_alias":
         return text.replace("layers:", "layers: &L\n  - Dense: {units: 2, W: [*L]}\nx_layers:", 1)
     elif kind == "laughs":  # nested aliases: small text, exponentially large if expanded
-        bomb = "\n".join([f"l0: &l0 [a, a, a, a, a, a, a, a, a]"] +
+        bomb = "\n".join(["l0: &l0 [a, a, a, a, a, a, a, a, a]"] +
                          [f"l{k}: &l{k} [{', '.join(['*l%d' % (k - 1)] * 9)}]" for k in range(1, 9)])
         return text + "\n" + bomb + "\n"
     return "\n".join(lines)

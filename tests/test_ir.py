@@ -20,7 +20,6 @@ import scipy.fft
 import scipy.linalg
 
 import keras_decomp
-from keras_decomp import DecompError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-12  # to_dense against the hand-built matrix, float64

@@ -15,7 +15,6 @@ from scipy.linalg import hadamard
 
 from keras_decomp import DecompError, approximate, decompose, layers, parse
 from keras_decomp.fitting import palm4msa as palm
-from keras_decomp.operators.structures.sparse import SparseFactor, SparseProduct
 
 C = palm.Constraint
 
