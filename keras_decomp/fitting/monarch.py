@@ -148,13 +148,12 @@ def _first_factor(W, node: Monarch, G, L, right, iterations: int = 60) -> np.nda
     def diagonal(M):  # the (b, p, q) diagonal blocks of a (b p, b q) matrix
         return np.einsum("ipiq->ipq", M.reshape(b, p, b, q))
 
-    def dense(A):  # blockdiag of (b, p, q)
-        out = np.zeros((b, p, b, q))
-        out[np.arange(b), :, np.arange(b), :] = A
-        return out.reshape(b * p, b * q)
+    G_by_block = Gp.reshape(b * p, b, p).transpose(1, 0, 2)  # (b, b p, p): the columns of each block
+    K_by_block = K.reshape(b * q, b, q).transpose(1, 0, 2)  # (b, b q, q)
 
-    def apply(A):
-        return diagonal(Gp @ dense(A) @ K)
+    def apply(A):  # diagonal(G blockdiag(A) K), block by block: never the dense blockdiag(A)
+        GA = np.matmul(G_by_block, A).transpose(1, 0, 2).reshape(b * p, b * q)
+        return np.matmul(GA.reshape(b, p, b * q), K_by_block)
     x = np.array(L, dtype=np.float64)
     r = diagonal(Gp @ Wp @ B.T) - apply(x)
     d, rr = r.copy(), float(np.sum(r * r))
